@@ -1,0 +1,188 @@
+"""The pruned forward: the frozen model's own layers, with tokens really dropped at the pruning stages.
+
+:class:`SDTPEngine` wraps a Hugging Face decoder-only model with the Llama/Qwen2 layout
+(``model.model.embed_tokens``, ``.layers``, ``.rotary_emb``, ``.norm`` and ``model.lm_head``) and a
+:class:`~sdtp_core.pruner.TokenPruner`. Before each stage layer it scores the live tokens, keeps the
+protected ones plus the best-scored rest, and gathers them into a smaller tensor, so every later layer
+computes only on the kept tokens. Kept tokens keep their original RoPE positions (the rotary tables
+are computed once for the original positions and gathered with the tokens). The KV cache filled during
+prefill therefore holds, per layer, exactly the tokens that layer processed; :meth:`decode_step`
+appends new tokens at positions ``n, n+1, ...`` and attends to those pruned caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .attention import layout_mask
+from .cache import PrunedCache
+from .pruner import TokenPruner
+from .selection import compact, keep_counts, protected_mask, select
+
+
+class PromptError(ValueError):
+    """A prompt cannot be run (empty, or otherwise malformed)."""
+
+
+@dataclass
+class PrefillResult:
+    """What a (pruned) prefill produced.
+
+    Attributes:
+        logits: (batch, t, vocab) logits of the last ``t`` slots (``t`` = ``logits_to_keep``), or None.
+        positions: (batch, k) original position of each final slot, -1 for padding slots.
+        kept_counts: (batch, num_layers) tokens each layer processed, per prompt.
+        lengths: (batch,) prompt lengths (real tokens).
+        cache: the pruned KV cache, when ``use_cache`` was set.
+    """
+
+    logits: torch.Tensor | None
+    positions: torch.Tensor
+    kept_counts: torch.Tensor
+    lengths: torch.Tensor
+    cache: PrunedCache | None
+
+    @property
+    def compression(self) -> torch.Tensor:
+        """(batch,) the paper's 1/τ: prompt length over the mean number of tokens a layer processed."""
+        return self.lengths.double() / self.kept_counts.double().mean(1)
+
+
+class SDTPEngine:
+    """Pruned prefill and decoding for one model and one pruner.
+
+    Args:
+        model: a Hugging Face causal LM with the Llama/Qwen2 module layout.
+        pruner: the pruning modules; ``None`` runs dense (useful as a reference and for parity checks).
+    """
+
+    def __init__(self, model, pruner: TokenPruner | None = None):
+        inner = getattr(model, "model", None)
+        missing = [
+            name for name in ("embed_tokens", "layers", "rotary_emb", "norm") if not hasattr(inner, name)
+        ] + ([] if hasattr(model, "lm_head") else ["lm_head"])
+        if missing:
+            raise TypeError(
+                f"{type(model).__name__} does not have the Llama/Qwen2 decoder layout (missing {missing})"
+            )
+        layer_types = getattr(model.config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError("sliding-window attention layers are not supported by the pruned forward")
+        if pruner is not None:
+            pruner.config.check_model(model.config)
+        self.model = model
+        self.pruner = pruner
+        self.inner = inner
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.config._attn_implementation or "eager"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.inner.layers)
+
+    def _mask(self, valid: torch.Tensor, q_len: int) -> torch.Tensor | None:
+        return layout_mask(valid, q_len, self.attn_implementation, self.model.dtype)
+
+    def _run_layer(self, layer, hidden, mask, rope, cache) -> torch.Tensor:
+        out = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=rope,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        protect: torch.Tensor | None = None,
+        prune: bool = True,
+        logits_to_keep: int = 1,
+        use_cache: bool = True,
+    ) -> PrefillResult:
+        """Run a prompt batch through the model, pruning at the pruner's stages.
+
+        Args:
+            input_ids: (batch, n) token ids; rows may be padded on either side.
+            attention_mask: (batch, n) 1 for real tokens, 0 for padding. Defaults to all ones.
+            protect: optional (batch, n) mask of extra positions that must never be pruned.
+            prune: ``False`` (or no pruner) runs the dense model.
+            logits_to_keep: logits for the last this many slots (0 = all slots).
+            use_cache: fill and return a :class:`PrunedCache` for decoding.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise PromptError(f"input_ids must be a non-empty (batch, n) tensor, got shape {tuple(input_ids.shape)}")
+        device = self.model.device
+        input_ids = input_ids.to(device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        lengths = mask.bool().sum(1)
+        if bool((lengths == 0).any()):
+            raise PromptError(f"empty prompt in batch rows {torch.nonzero(lengths == 0).flatten().tolist()}")
+        pruning = prune and self.pruner is not None and self.pruner.config.num_stages > 0
+        cfg = self.pruner.config if pruning else None
+
+        index, valid = compact(mask.bool())
+        ids = input_ids.gather(1, index)
+        positions = (mask.long().cumsum(1) - 1).gather(1, index).clamp(min=0)
+        protected = (
+            protected_mask(mask, cfg.keep_first, cfg.keep_recent, protect).gather(1, index) if pruning else None
+        )
+        stage_at = {layer: s for s, layer in enumerate(cfg.layers)} if pruning else {}
+
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        cache = PrunedCache(DynamicCache(), [], [valid]) if use_cache else None
+        attn_mask = self._mask(valid, valid.shape[1])
+        kept = []
+        for i, layer in enumerate(self.inner.layers):
+            if i in stage_at:
+                s = stage_at[i]
+                scores = self.pruner.score(s, hidden)
+                slots, valid = select(scores, valid, protected, keep_counts(lengths, cfg.keep_ratios[s]))
+                hidden = _gather(hidden, slots)
+                cos, sin = _gather(cos, slots), _gather(sin, slots)
+                positions, protected = positions.gather(1, slots), protected.gather(1, slots)
+                attn_mask = self._mask(valid, valid.shape[1])
+                if cache is not None:
+                    cache.segment_valid.append(valid)
+            if cache is not None:
+                cache.segment_of.append(len(cache.segment_valid) - 1)
+            kept.append(valid.sum(1))
+            hidden = self._run_layer(layer, hidden, attn_mask, (cos, sin), cache.kv if cache else None)
+
+        logits = None
+        if logits_to_keep is not None and logits_to_keep >= 0:
+            tail = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+            logits = self.model.lm_head(self.inner.norm(tail))
+        return PrefillResult(
+            logits=logits,
+            positions=positions.masked_fill(~valid, -1),
+            kept_counts=torch.stack(kept, dim=1),
+            lengths=lengths,
+            cache=cache,
+        )
+
+    @torch.inference_mode()
+    def decode_step(self, cache: PrunedCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Append one token per row at original ``positions`` (batch,) and return its logits (batch, vocab)."""
+        device = self.model.device
+        hidden = self.inner.embed_tokens(tokens.to(device).view(-1, 1))
+        cos, sin = self.inner.rotary_emb(hidden, positions.to(device).view(-1, 1))
+        cache.append_live(1)
+        masks = [self._mask(v, 1) for v in cache.segment_valid]
+        for i, layer in enumerate(self.inner.layers):
+            hidden = self._run_layer(layer, hidden, masks[cache.segment_of[i]], (cos, sin), cache.kv)
+        return self.model.lm_head(self.inner.norm(hidden))[:, -1]
+
+
+def _gather(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Gather (batch, k, ...) rows of ``x`` (batch, n, ...) along dim 1."""
+    return x.gather(1, slots.view(*slots.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
