@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+SUPPORTED = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
 
 def layout_mask(kv_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
     """Mask for ``q_len`` queries that are the last ``q_len`` slots of a key layout.
@@ -12,11 +14,14 @@ def layout_mask(kv_valid: torch.Tensor, q_len: int, implementation: str, dtype: 
     attend to live key ``j`` when ``j <= kv_len - q_len + i`` (causal in original order). A padding
     query attends to itself only, so no softmax row is empty.
 
-    Returns ``None`` when no slot is padding (plain causal attention: the backends' fast path);
-    a (batch, kv_len) 0/1 mask for flash-attention (which aligns causality bottom-right itself);
-    a boolean (batch, 1, q_len, kv_len) mask for sdpa and flex; an additive float mask for eager.
+    For sdpa and flash-attention, returns ``None`` when no slot is padding (plain causal attention,
+    the kernels' fast path); a (batch, kv_len) 0/1 mask for flash-attention (which aligns causality
+    bottom-right itself); a boolean (batch, 1, q_len, kv_len) mask for sdpa; an additive float mask
+    for eager (which has no implicit causality, so it always gets one).
     """
-    if bool(kv_valid.all()):
+    if implementation not in SUPPORTED:
+        raise NotImplementedError(f"attention implementation {implementation!r} is not supported; use one of {SUPPORTED}")
+    if implementation != "eager" and bool(kv_valid.all()):
         return None
     if implementation.startswith("flash"):
         return kv_valid.long()
