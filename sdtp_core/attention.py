@@ -20,7 +20,9 @@ def layout_mask(kv_valid: torch.Tensor, q_len: int, implementation: str, dtype: 
     for eager (which has no implicit causality, so it always gets one).
     """
     if implementation not in SUPPORTED:
-        raise NotImplementedError(f"attention implementation {implementation!r} is not supported; use one of {SUPPORTED}")
+        raise NotImplementedError(
+            f"attention implementation {implementation!r} is not supported; use one of {SUPPORTED}"
+        )
     if implementation != "eager" and bool(kv_valid.all()):
         return None
     if implementation.startswith("flash"):

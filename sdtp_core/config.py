@@ -65,13 +65,13 @@ class PrunerConfig:
     @classmethod
     def default(
         cls, hidden_size: int, num_hidden_layers: int, r: float = 0.9, num_stages: int = 10, start: int = 4, **kw
-    ) -> "PrunerConfig":
+    ) -> PrunerConfig:
         """The paper's default schedule for a model of the given shape."""
         layers = default_layers(num_hidden_layers, num_stages, start)
         return cls(hidden_size, num_hidden_layers, layers, geometric_keep_ratios(len(layers), r), **kw)
 
     @classmethod
-    def for_model(cls, model_config, layers: list[int] | None = None, r: float = 0.9, **kw) -> "PrunerConfig":
+    def for_model(cls, model_config, layers: list[int] | None = None, r: float = 0.9, **kw) -> PrunerConfig:
         """A schedule for a Hugging Face model config; ``layers`` defaults to the paper's placement."""
         h, n = model_config.hidden_size, model_config.num_hidden_layers
         if layers is None:
@@ -138,7 +138,7 @@ class PrunerConfig:
         (Path(directory) / CONFIG_NAME).write_text(json.dumps({"sdtp_pruner": True, **self.to_dict()}, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "PrunerConfig":
+    def load(cls, directory: str | Path) -> PrunerConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise PrunerConfigError(f"{path} not found: is {directory} a pruner directory?")

@@ -54,7 +54,7 @@ class TokenPruner(nn.Module):
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "TokenPruner":
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> TokenPruner:
         """Load a pruner directory written by :meth:`save_pretrained`; errors name the broken file."""
         directory = Path(directory)
         if not directory.is_dir():

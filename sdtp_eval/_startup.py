@@ -41,7 +41,13 @@ def patch_task_manager(module) -> None:
     original_init = cls.__init__
 
     def __init__(self, *args, include_path=None, **kwargs):
-        paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+        paths = (
+            []
+            if include_path is None
+            else list(include_path)
+            if isinstance(include_path, (list, tuple))
+            else [include_path]
+        )
         ours = str(tasks_dir())
         if ours not in map(str, paths):
             paths.insert(0, ours)  # user paths come later and override ours

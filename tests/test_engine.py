@@ -53,7 +53,9 @@ def test_dense_batch_with_padding_equals_transformers(arch):
 def test_greedy_generation_token_identical_to_model_generate(arch):
     model = tiny_model(arch)
     ids, mask = left_pad([prompt(25, 4), prompt(14, 5)])
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)[:, ids.shape[1] :]
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)[
+        :, ids.shape[1] :
+    ]
     for pruner in (None, tiny_pruner(model, ratios=(1.0, 1.0, 1.0))):
         out = generate(SDTPEngine(model, pruner), ids, mask, max_new_tokens=12)
         assert torch.equal(out.sequences, ref)
@@ -172,7 +174,13 @@ def test_sampling_is_reproducible_with_a_generator_and_differs_from_greedy():
     ids = prompt(30)
     runs = [
         generate(
-            engine, ids, max_new_tokens=20, do_sample=True, temperature=2.0, top_k=50, top_p=0.95,
+            engine,
+            ids,
+            max_new_tokens=20,
+            do_sample=True,
+            temperature=2.0,
+            top_k=50,
+            top_p=0.95,
             generator=torch.Generator().manual_seed(0),
         ).sequences
         for _ in range(2)
