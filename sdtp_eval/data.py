@@ -182,7 +182,7 @@ def run_install(
     only: Sequence[str] | None = None,
     force: bool = False,
     dry_run: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> Report:
     """Install everything selected by ``only`` (task names and/or ``longbench``; default: all) from ``source``.
 
@@ -200,6 +200,7 @@ def run_install(
     if unknown:
         raise DataError(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     cache = cache or default_cache_root()
+    out = out or sys.stdout
     report = Report()
     chosen = [target for target in TARGETS if target.key in selected]
     _say(out, f"{'Dry run: ' if dry_run else ''}installing from {source} into the datasets cache {cache}")
@@ -223,13 +224,14 @@ def run_install(
     return report
 
 
-def list_installed(cache: Path | None = None, out: TextIO = sys.stdout) -> int:
+def list_installed(cache: Path | None = None, out: TextIO | None = None) -> int:
     """Print every target's cached copies (sdtp-installed or from the Hub) and the LongBench files; return 0."""
     from sdtp_eval.datasets import TARGETS
     from sdtp_eval.datasets.hub_cache import cached_copies, default_cache_root
     from sdtp_eval.paths import data_home
 
     cache = cache or default_cache_root()
+    out = out or sys.stdout
     _say(out, f"datasets cache: {cache}")
     for target in TARGETS:
         copies = cached_copies(cache, target)

@@ -72,7 +72,8 @@ def read_jsonl(path: Path) -> list[Row]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise DataError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+                    detail = f"{error.msg}, column {error.colno}"
+                    raise DataError(f"{path}: line {number} is not valid JSON ({detail})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}: line {number} is not a JSON object")
                 rows.append(row)
