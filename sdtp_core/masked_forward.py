@@ -52,7 +52,9 @@ def policy_attention(
     output as (batch, q, heads, d), like every transformers attention function.
     """
     if sdtp_policy is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q_len, k_len = query.shape[2], key.shape[2]
@@ -197,6 +199,7 @@ def masked_forward(
     prompt_mask: torch.Tensor,
     tau: float = 1.0,
     generator: torch.Generator | None = None,
+    lm_grad: bool = True,
 ) -> MaskedOutput:
     """Run ``model`` with pruning simulated by attention masking.
 
@@ -210,6 +213,8 @@ def masked_forward(
         tau: Gumbel-sigmoid temperature.
         generator: CPU generator for the Gumbel noise; ``None`` gives the deterministic top-k of the
             inference engine.
+        lm_grad: build the autograd graph through the decoder layers (needed for gradients of the LM loss
+            to reach the pruner through the masks); ``False`` keeps only the scorers' graphs.
 
     Layers before the first stage run without gradient: nothing trainable comes before them.
     """
@@ -251,6 +256,7 @@ def masked_forward(
                 out.decided.append(decided)
                 out.masks.append(mask)
                 out.hard.append(alive.clone())
-            hidden = inner.layers[i](hidden, attention_mask=None, position_embeddings=rope, sdtp_policy=policy)
+            with torch.set_grad_enabled(lm_grad and torch.is_grad_enabled()):
+                hidden = inner.layers[i](hidden, attention_mask=None, position_embeddings=rope, sdtp_policy=policy)
     out.hidden = hidden
     return out

@@ -1,0 +1,228 @@
+"""Training data: load instruction or plain-text records, format them, tokenize, truncate, batch.
+
+Every sample becomes a *prompt* (the tokens the pruner may drop, as in a pruned prefill) followed by a
+*target* (the tokens whose next-token loss is scored; never pruned, like generated tokens):
+
+* instruction records (``instruction``, optional ``context``, ``response``; e.g. Dolly): the prompt is
+  the instruction and context, formatted with the tokenizer's chat template (``format="chat"``) or
+  as ``instruction\\n\\ncontext\\n\\n`` (``format="plain"``); the target is the response (plus the
+  template's end-of-turn tokens, or EOS for plain).
+* text records (``text``): the first ``text_prompt_fraction`` of the tokens are the prompt, the rest
+  the target.
+
+Sources: a local ``.jsonl`` / ``.json`` file (records as above), a local ``.txt`` file (one sample per
+blank-line separated block), or a Hugging Face Hub dataset id (its ``train`` split).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATA = "databricks/databricks-dolly-15k"
+FORMATS = ("auto", "chat", "plain")
+# Names of the evaluation sets this project reports on: refusing them keeps evaluation data out of training.
+_EVAL_NAMES = ("longbench", "copa", "piqa", "winogrande", "boolq", "super_glue", "superglue", "mathqa", "math_qa")
+
+
+class TrainDataError(ValueError):
+    """The training data cannot be loaded or yields no usable sample."""
+
+
+@dataclass
+class Example:
+    """One tokenized sample: ``ids`` = prompt tokens then target tokens; ``sample_id`` = record index."""
+
+    sample_id: int
+    ids: list[int]
+    prompt_len: int
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+def load_records(data: str, max_samples: int | None = None) -> list[dict]:
+    """Load raw records from a local file or a Hub dataset id (first ``max_samples`` records)."""
+    lowered = data.lower()
+    if any(name in lowered for name in _EVAL_NAMES):
+        raise TrainDataError(f"refusing to train on {data!r}: it looks like one of the evaluation sets")
+    path = Path(data).expanduser()
+    if path.is_file():
+        records = _read_local(path)
+    elif path.suffix in (".jsonl", ".json", ".txt") or data.startswith((".", "/", "~")):
+        raise TrainDataError(f"training data file {path} does not exist")
+    else:
+        try:
+            import datasets
+
+            records = list(datasets.load_dataset(data, split="train"))
+        except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+            raise TrainDataError(f"could not load Hub dataset {data!r} (train split): {e}") from e
+    if max_samples is not None:
+        records = records[:max_samples]
+    if not records:
+        raise TrainDataError(f"no records in {data}")
+    return records
+
+
+def _read_local(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return [{"text": block.strip()} for block in re.split(r"\n\s*\n", text) if block.strip()]
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TrainDataError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(data, list):
+            raise TrainDataError(f"{path} must hold a JSON list of records")
+        return data
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TrainDataError(f"{path} line {n} is not valid JSON: {e}") from e
+    return records
+
+
+def resolve_format(fmt: str, tokenizer) -> str:
+    """``auto`` -> ``chat`` when the tokenizer has a chat template, else ``plain``."""
+    if fmt not in FORMATS:
+        raise TrainDataError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    if fmt == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise TrainDataError("format 'chat' needs a tokenizer with a chat template; use --format plain")
+    return fmt
+
+
+def split_record(record: dict, tokenizer, fmt: str) -> tuple[str, str] | None:
+    """``(prompt_text, target_text)`` of an instruction record, or None for a text record."""
+    if "text" in record and "instruction" not in record:
+        return None
+    if "instruction" not in record or "response" not in record:
+        raise TrainDataError(
+            f"record has fields {sorted(record)}; expected instruction/context/response or text"
+        )
+    instruction, context = str(record["instruction"]).strip(), str(record.get("context") or "").strip()
+    user = f"{instruction}\n\n{context}" if context else instruction
+    response = str(record["response"]).strip()
+    if fmt == "chat":
+        messages = [{"role": "user", "content": user}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if not full.startswith(prompt):
+            raise TrainDataError("the chat template does not extend the prompt with the answer; use --format plain")
+        return prompt, full[len(prompt) :]
+    return f"{user}\n\n", response + (tokenizer.eos_token or "")
+
+
+def _middle_truncate(ids: list[int], budget: int) -> list[int]:
+    if len(ids) <= budget:
+        return ids
+    head = budget // 2
+    return ids[:head] + ids[len(ids) - (budget - head) :]
+
+
+def encode_record(
+    record: dict, sample_id: int, tokenizer, fmt: str, max_length: int, text_prompt_fraction: float = 0.75
+) -> Example | None:
+    """Tokenize and truncate one record to at most ``max_length`` tokens; None if it has no target.
+
+    Instruction records keep as much of the prompt as fits while leaving the target at least
+    ``max_length // 4`` tokens (or all of it, if shorter); an over-long prompt loses its middle (its
+    start and its end, which holds the question and the template's assistant header, stay). Text
+    records are cut to ``max_length`` tokens first and then split.
+    """
+    parts = split_record(record, tokenizer, fmt)
+    if parts is None:
+        ids = tokenizer(str(record["text"]), add_special_tokens=False)["input_ids"][:max_length]
+        prompt_len = int(len(ids) * text_prompt_fraction)
+        if prompt_len < 1 or prompt_len >= len(ids):
+            return None
+        return Example(sample_id, ids, prompt_len)
+    prompt = tokenizer(parts[0], add_special_tokens=False)["input_ids"]
+    target = tokenizer(parts[1], add_special_tokens=False)["input_ids"]
+    if not prompt or not target:
+        return None
+    target_budget = max(min(len(target), max_length - len(prompt)), min(len(target), max_length // 4), 1)
+    target = target[:target_budget]
+    prompt = _middle_truncate(prompt, max_length - len(target))
+    if not prompt:
+        return None
+    return Example(sample_id, prompt + target, len(prompt))
+
+
+def load_examples(
+    data: str,
+    tokenizer,
+    fmt: str = "auto",
+    max_length: int = 512,
+    max_samples: int | None = None,
+    text_prompt_fraction: float = 0.75,
+) -> list[Example]:
+    """Load, format and tokenize a training set. Raises :class:`TrainDataError` if nothing usable remains."""
+    if max_length < 8:
+        raise TrainDataError(f"max_length {max_length} is too small (need at least 8 tokens)")
+    if not 0.0 < text_prompt_fraction < 1.0:
+        raise TrainDataError(f"text_prompt_fraction {text_prompt_fraction} is outside (0, 1)")
+    fmt = resolve_format(fmt, tokenizer)
+    records = load_records(data, max_samples)
+    examples = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise TrainDataError(f"record {i} of {data} is not an object")
+        example = encode_record(record, i, tokenizer, fmt, max_length, text_prompt_fraction)
+        if example is not None:
+            examples.append(example)
+    if not examples:
+        raise TrainDataError(f"{data} gave no usable sample (every record lacked a prompt or a target)")
+    return examples
+
+
+@dataclass
+class Batch:
+    """A right-padded batch. ``labels[b, t]`` is the token position ``t`` predicts if it is a target
+    token, else -100; ``prompt_mask`` marks the prunable prompt tokens."""
+
+    sample_ids: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.sample_ids,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.prompt_mask.to(device),
+            self.labels.to(device),
+        )
+
+
+def collate(examples: list[Example], pad_id: int = 0) -> Batch:
+    """Right-pad ``examples`` into a :class:`Batch`."""
+    n = max(e.length for e in examples)
+    b = len(examples)
+    input_ids = torch.full((b, n), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, n), dtype=torch.long)
+    prompt_mask = torch.zeros((b, n), dtype=torch.bool)
+    labels = torch.full((b, n), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids = torch.tensor(e.ids, dtype=torch.long)
+        input_ids[row, : e.length] = ids
+        attention_mask[row, : e.length] = 1
+        prompt_mask[row, : e.prompt_len] = True
+        # Position t predicts token t+1; count it when t+1 is a target token.
+        labels[row, e.prompt_len - 1 : e.length - 1] = ids[e.prompt_len :]
+    return Batch([e.sample_id for e in examples], input_ids, attention_mask, prompt_mask, labels)
