@@ -340,3 +340,15 @@ def test_help_documents_every_option(capsys) -> None:
     text = capsys.readouterr().out
     for option in ("--from", "--cache-dir", "--data-home", "--only", "--dry-run", "--force"):
         assert option in text
+
+
+def test_changed_source_replaces_the_previous_install(data_dir: Path, tmp_path: Path) -> None:
+    source = _copy_release(data_dir, tmp_path, "superglue/cb/train.jsonl", "superglue/cb/val.jsonl")
+    versions = tmp_path / "cache" / "aps___super_glue" / "cb" / "0.0.0"
+    cli.run_install(source, cache=tmp_path / "cache", only=["cb"], out=io.StringIO())
+    first = [path.name for path in versions.iterdir()]
+    with (source / "superglue/cb/val.jsonl").open("a") as handle:
+        handle.write("\n")  # same rows, different bytes: rebuilt, and the old copy removed
+    report = cli.run_install(source, cache=tmp_path / "cache", only=["cb"], out=io.StringIO())
+    second = [path.name for path in versions.iterdir()]
+    assert len(report.installed) == 1 and len(first) == len(second) == 1 and first != second
