@@ -7,6 +7,7 @@ Sampling and stopping reuse transformers' logits processors and stopping criteri
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,13 @@ from .engine import PrefillResult, SDTPEngine
 
 @dataclass
 class GenerationResult:
-    """New tokens (batch, t), padded with ``pad_token_id`` after a row stopped, and the prefill statistics."""
+    """New tokens (batch, t), padded with ``pad_token_id`` after a row stopped, the prefill statistics,
+    and wall-clock seconds of the prefill (to the first token's logits) and of the whole call."""
 
     sequences: torch.Tensor
     prefill: PrefillResult
+    prefill_seconds: float
+    total_seconds: float
 
 
 @torch.inference_mode()
@@ -59,7 +63,10 @@ def generate(
         raise ValueError("stop_strings need a tokenizer")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    start = time.perf_counter()
     result = engine.prefill(input_ids, attention_mask, protect=protect, prune=prune, logits_to_keep=1)
+    _synchronize(result.logits.device)
+    prefill_seconds = time.perf_counter() - start
     cache, logits = result.cache, result.logits[:, -1]
     batch = logits.shape[0]
     device = logits.device
@@ -98,4 +105,11 @@ def generate(
             break
         logits = engine.decode_step(cache, next_token, positions)
         positions = positions + 1
-    return GenerationResult(sequences=torch.stack(tokens, dim=1), prefill=result)
+    sequences = torch.stack(tokens, dim=1)
+    _synchronize(sequences.device)
+    return GenerationResult(sequences, result, prefill_seconds, time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
