@@ -160,7 +160,7 @@ def gumbel_keep(
         else:
             threshold[b] = (values[k - 1] + values[k]) / 2
     soft = torch.sigmoid((perturbed - threshold) / tau) * candidates
-    decision = hard.float() + soft - soft.detach()
+    decision = hard.float() + (soft - soft.detach())  # exactly 0/1 forward values
     return decision, hard
 
 
