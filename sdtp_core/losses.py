@@ -76,7 +76,7 @@ def rank_loss_per_sample(
     target: torch.Tensor,
     mask: torch.Tensor,
     max_pairs: int = 16384,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Pairwise logistic ranking loss (paper eq. 6) per sample, averaged over non-tied pairs.
 
@@ -88,7 +88,7 @@ def rank_loss_per_sample(
         target: (batch, n) target saliency.
         mask: (batch, n) supervised tokens.
         max_pairs: cap on the number of pairs per sample.
-        generator: CPU generator for pair sampling (for reproducibility).
+        generator: CPU generator for pair sampling (for reproducibility), or one per row.
 
     Returns:
         (batch,) losses; 0 for a row with no informative pair.
@@ -99,7 +99,8 @@ def rank_loss_per_sample(
         if idx.numel() < 2:
             losses.append(pred.new_zeros((), dtype=torch.float32))
             continue
-        i, j = sample_pairs(idx.numel(), max_pairs, generator)
+        row_generator = generator[b] if isinstance(generator, list) else generator
+        i, j = sample_pairs(idx.numel(), max_pairs, row_generator)
         i, j = idx[i.to(idx.device)], idx[j.to(idx.device)]
         sign = torch.sign(target[b, i].float() - target[b, j].float())
         informative = sign != 0

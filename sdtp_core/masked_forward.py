@@ -164,9 +164,20 @@ def gumbel_keep(
     return decision, hard
 
 
-def logistic_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Logistic(0, 1) noise, ``g1 - g2`` of two Gumbels, from a CPU ``generator`` (reproducible)."""
-    u = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+Generators = torch.Generator | list[torch.Generator]
+
+
+def logistic_noise(shape: tuple[int, int], generator: Generators, device: torch.device) -> torch.Tensor:
+    """(batch, n) Logistic(0, 1) noise, ``g1 - g2`` of two Gumbels, from CPU generators (reproducible).
+
+    ``generator`` is one generator for the batch or a list with one per row; per-row generators make a
+    sample's noise independent of how samples are grouped into batches and processes.
+    """
+    if isinstance(generator, torch.Generator):
+        u = torch.rand(shape, generator=generator)
+    else:
+        u = torch.stack([torch.rand(shape[1], generator=g) for g in generator])
+    u = u.clamp(1e-6, 1 - 1e-6)
     return (u.log() - (-u).log1p()).to(device)
 
 
@@ -198,7 +209,7 @@ def masked_forward(
     attention_mask: torch.Tensor,
     prompt_mask: torch.Tensor,
     tau: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     lm_grad: bool = True,
 ) -> MaskedOutput:
     """Run ``model`` with pruning simulated by attention masking.
@@ -211,8 +222,8 @@ def masked_forward(
         prompt_mask: (batch, n) the prunable tokens (the prompt); other real tokens (the response) are
             always kept, like the tokens generated after a pruned prefill.
         tau: Gumbel-sigmoid temperature.
-        generator: CPU generator for the Gumbel noise; ``None`` gives the deterministic top-k of the
-            inference engine.
+        generator: CPU generator(s) for the Gumbel noise (one, or one per row); ``None`` gives the
+            deterministic top-k of the inference engine.
         lm_grad: build the autograd graph through the decoder layers (needed for gradients of the LM loss
             to reach the pruner through the masks); ``False`` keeps only the scorers' graphs.
 

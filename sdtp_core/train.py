@@ -319,10 +319,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """Randomness of one optimizer step on one process (Gumbel noise, pair sampling): a function of
-    ``(seed, step, rank)`` only, so a resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % (2**63))
+def sample_generator(seed: int, step: int, sample_id: int) -> torch.Generator:
+    """Randomness of one sample at one optimizer step (Gumbel noise, ranking pairs): a function of
+    ``(seed, step, sample_id)`` only, so a resumed run draws exactly what an uninterrupted one would, and
+    the draws do not depend on the number of processes."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + sample_id) % (2**63))
 
 
 def saliency_targets(store: SaliencyStore, batch_examples: list[Example], layers: list[int], n: int) -> torch.Tensor:
@@ -443,12 +444,12 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
         epoch, k = divmod(step, steps_per_epoch)
         global_ids = epoch_order(len(examples), cfg.seed, epoch)[k * global_batch : (k + 1) * global_batch]
         mine = [examples[i] for i in global_ids[rank::world]]
-        generator = step_generator(cfg.seed, step, rank)
         sums = torch.zeros(5, dtype=torch.float64)  # total, lm, mse, rank, kept fraction (sums over samples)
 
         for micro in range(0, len(mine), cfg.batch_size):
             chunk = mine[micro : micro + cfg.batch_size]
             batch = collate(chunk, pad_id).to(device)
+            generator = [sample_generator(cfg.seed, step, e.sample_id) for e in chunk]
             res = masked_forward(model, pruner, batch.input_ids, batch.attention_mask, batch.prompt_mask,
                                  tau=cfg.tau, generator=generator, lm_grad=w_lm > 0)
             zero = torch.zeros(len(chunk), device=device)
@@ -525,7 +526,11 @@ def run(cfg: TrainConfig) -> Path:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    accelerator = Accelerator(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    # Accelerate only sets up multi-process CPU training (gloo) when asked for the CPU; without CUDA there
+    # is nothing else to use. (`accelerate launch --cpu` itself starts one process unless MPI is configured:
+    # launch with `--multi_gpu --num_processes N` or `torchrun --nproc_per_node N` on a CPU-only machine.)
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=use_cpu)
     out = Path(cfg.out)
     model, tokenizer, model_name = load_model_and_tokenizer(cfg, accelerator.device)
     pcfg = pruner_config(cfg, model.config)  # validates --layers / --keep-ratio against the model

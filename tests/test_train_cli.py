@@ -1,0 +1,177 @@
+"""``python -m sdtp_core.train`` end to end on a tiny model: training, resumption, config handling, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdtp_core.engine import SDTPEngine
+from sdtp_core.pruner import TokenPruner
+from sdtp_core.train import build_parser, main
+from test_train_fixtures import tiny_model_dir, toy_dolly
+
+SCHEDULE = ["--layers", "1,3,4", "--keep-ratio", "0.7", "--keep-first", "2", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict:
+    """A tiny model directory, toy Dolly-style data and its Stage 1 saliency (computed once)."""
+    root = tmp_path_factory.mktemp("train")
+    paths = {"model": tiny_model_dir(root / "model"), "data": toy_dolly(root / "data.jsonl", 12),
+             "saliency": root / "stage1" / "saliency", "root": root}
+    assert main(["saliency", "--model", str(paths["model"]), "--data", str(paths["data"]),
+                 "--out", str(root / "stage1"), *SCHEDULE]) == 0
+    return paths
+
+
+def _args(work: dict, out: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(work["model"]), "--data", str(work["data"]), "--out", str(out),
+            "--saliency-dir", str(work["saliency"]), *SCHEDULE, "--batch-size", "2", "--grad-accum", "1", *extra]
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_saliency_stage_outputs(work):
+    out = work["root"] / "stage1"
+    summary = json.loads((out / "saliency_summary.json").read_text())
+    assert summary["layers"] == [1, 3, 4] and summary["num_samples"] == 12
+    assert all(0 < f <= 1 for f in summary["fraction_above_10pct_of_max"])
+    assert (out / "saliency_summary.png").stat().st_size > 1000
+    index = json.loads((work["saliency"] / "index.json").read_text())
+    assert index["num_samples"] == 12
+
+
+def test_training_lowers_the_loss_and_yields_a_usable_pruner(work, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(work, out, "--epochs", "6", "--lr", "2e-2", "--warmup", "0")) == 0
+    log = _log(out)
+    assert len(log) == 36 and [r["step"] for r in log] == list(range(1, 37))
+    assert {"loss", "lm", "mse", "rank", "lr", "grad_norm", "kept_prompt_fraction"} <= set(log[0])
+    first = sum(r["loss"] for r in log[:6]) / 6
+    last = sum(r["loss"] for r in log[-6:]) / 6
+    assert last < first - 0.3, (first, last)
+    pruner = TokenPruner.from_pretrained(out / "pruner")
+    assert pruner.config.layers == [1, 3, 4] and pruner.config.keep_ratios == pytest.approx([0.7, 0.49, 0.343])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(work["model"])
+    result = SDTPEngine(model, pruner).prefill(torch.randint(0, 90, (1, 40)), use_cache=False)
+    assert result.kept_counts[0].tolist()[-1] < 40
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["lr"] == 2e-2 and config["pruner"]["layers"] == [1, 3, 4]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "pruner" / "model.safetensors"))
+
+
+def test_resume_after_a_kill_is_bit_identical(work, tmp_path):
+    common = ("--epochs", "2", "--checkpoint-every", "2", "--keep-checkpoints", "5")
+    ref = tmp_path / "ref"
+    assert main(_args(work, ref, *common)) == 0
+
+    # Run 7 of 12 steps, then simulate a kill after step 5: lose the newer checkpoint and leave a
+    # half-written one and log lines of steps that were never checkpointed.
+    out = tmp_path / "killed"
+    assert main(_args(work, out, *common, "--stop-after-steps", "7")) == 0
+    ckpts = out / "checkpoints"
+    shutil.rmtree(ckpts / "step-0000007")
+    (ckpts / "latest").write_text("step-0000006")
+    shutil.rmtree(ckpts / "step-0000006")
+    (ckpts / "latest").write_text("step-0000004")
+    (ckpts / ".tmp-step-0000006").mkdir()
+    assert not (out / "pruner").exists()
+    assert main(_args(work, out, *common, "--resume")) == 0
+
+    a, b = _weights(ref), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _log(ref)] == [r["loss"] for r in _log(out)]
+
+    # A clean stop/resume (time slicing) gives the same weights too.
+    sliced = tmp_path / "sliced"
+    assert main(_args(work, sliced, *common, "--stop-after-steps", "5")) == 0
+    assert main(_args(work, sliced, *common, "--resume")) == 0
+    c = _weights(sliced)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings_and_unflagged_restarts(work, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(work, out, "--stop-after-steps", "1")) == 0
+    assert main(_args(work, out)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(_args(work, out, "--resume", "--lr", "0.1")) == 2
+    assert "settings changed since it was written: ['lr']" in capsys.readouterr().err
+
+
+def test_config_file_with_cli_override(work, tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("lr: 0.02\nepochs: 1\nw-rank: 0.5\nno_mse: true\nlayers: 1,3,4\n")
+    out = tmp_path / "run"
+    assert main([*_args(work, out), "--config", str(cfg), "--lr", "0.03"]) == 0
+    effective = json.loads((out / "train_config.json").read_text())
+    assert effective["lr"] == 0.03 and effective["epochs"] == 1 and effective["w_rank"] == 0.5
+    assert effective["no_mse"] is True
+    assert all(r["mse"] == 0.0 and r["rank"] > 0 for r in _log(out))  # the --no-mse ablation
+
+
+def test_no_rank_ablation_and_lm_only(work, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(work, out, "--no-rank", "--w-mse", "0", "--epochs", "1")) == 0
+    assert all(r["rank"] == 0.0 and r["mse"] == 0.0 and r["loss"] == pytest.approx(r["lm"]) for r in _log(out))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--layers", "1,9"], "stage layer 9 is out of range"),
+        (["--layers", "3,1"], "strictly increasing"),
+        (["--keep-ratio", "1.5"], "--keep-ratio 1.5 is outside (0, 1]"),
+        (["--keep-ratio", "0"], "--keep-ratio 0.0 is outside (0, 1]"),
+        (["--layers", "1,2"], "not the pruning layers [2]"),
+        (["--max-length", "24"], "stored tokens differ from the current tokenization"),
+        (["--max-samples", "0"], "--max-samples must be >= 1"),
+        (["--no-rank", "--no-mse", "--w-lm", "0"], "all loss terms are disabled"),
+        (["--saliency-dir", "/nonexistent/sal"], "run the 'saliency' stage first"),
+    ],
+)
+def test_bad_configs_fail_with_a_clear_message(work, tmp_path, capsys, extra, message):
+    assert main([*_args(work, tmp_path / "run"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_and_config_files(work, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main([*_args(work, tmp_path / "a"), "--data", str(empty)]) == 2
+    assert "no records in" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    assert main([*_args(work, tmp_path / "b"), "--data", str(wrong)]) == 2
+    assert "expected instruction/context/response or text" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    assert main([*_args(work, tmp_path / "c"), "--config", str(bad)]) == 2
+    assert "unknown settings ['learning_rate']" in capsys.readouterr().err
+    assert main(["saliency", "--stage", "prune", "--out", str(tmp_path / "d")]) == 2
+    assert "stage given twice" in capsys.readouterr().err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--out", "--max-samples", "--max-length", "--epochs", "--seed", "--resume",
+                 "--lr", "--batch-size", "--grad-accum", "--w-lm", "--w-mse", "--w-rank", "--no-rank", "--no-mse",
+                 "--checkpoint-every", "--dtype", "--layers", "--keep-ratio", "--config", "--format"):
+        assert flag in text
+    for action in build_parser()._actions:
+        assert action.help, action.dest
