@@ -18,7 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 from sdtp_eval.longbench.spec import DATASETS, FIRST_LINE_ONLY
 
-_ZH_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+_ZH_PUNCTUATION = (
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣"  # official Chinese punctuation set
+    + "､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+)
 _EN_PUNCT = frozenset(string.punctuation)
 _ALL_PUNCT = frozenset(string.punctuation + _ZH_PUNCTUATION)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
