@@ -136,7 +136,8 @@ def _middle_truncate(ids: list[int], budget: int) -> list[int]:
 def encode_record(
     record: dict, sample_id: int, tokenizer, fmt: str, max_length: int, text_prompt_fraction: float = 0.75
 ) -> Example | None:
-    """Tokenize and truncate one record to at most ``max_length`` tokens; None if it has no target.
+    """Tokenize and truncate one record to at most ``max_length`` tokens; None if it has no target
+    (an empty response, or a text too short to split).
 
     Instruction records keep as much of the prompt as fits while leaving the target at least
     ``max_length // 4`` tokens (or all of it, if shorter); an over-long prompt loses its middle (its
@@ -150,6 +151,8 @@ def encode_record(
         if prompt_len < 1 or prompt_len >= len(ids):
             return None
         return Example(sample_id, ids, prompt_len)
+    if not str(record["response"]).strip():
+        return None  # nothing to answer: no target to score
     prompt = tokenizer(parts[0], add_special_tokens=False)["input_ids"]
     target = tokenizer(parts[1], add_special_tokens=False)["input_ids"]
     if not prompt or not target:

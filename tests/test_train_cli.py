@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_fixtures import tiny_model_dir, toy_dolly
 
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.pruner import TokenPruner
 from sdtp_core.train import build_parser, main
-from test_train_fixtures import tiny_model_dir, toy_dolly
 
 SCHEDULE = ["--layers", "1,3,4", "--keep-ratio", "0.7", "--keep-first", "2", "--dtype", "float32"]
 

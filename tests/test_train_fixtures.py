@@ -9,10 +9,9 @@ import json
 import random
 from pathlib import Path
 
+from conftest import tiny_model
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-
-from conftest import tiny_model
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 CHARS = ["\n"] + [chr(c) for c in range(32, 123)]  # 3 + 92 = 95 ids < the tiny vocab of 96
@@ -41,7 +40,7 @@ def toy_dolly(path: Path, n: int = 12, seed: int = 0) -> Path:
     """A Dolly-shaped JSONL file (instruction, context, response, category) of ``n`` random records."""
     rng = random.Random(seed)
     with open(path, "w") as f:
-        for i in range(n):
+        for _ in range(n):
             record = {
                 "instruction": "what did the " + " ".join(rng.choices(WORDS, k=4)) + "?",
                 "context": " ".join(rng.choices(WORDS, k=rng.randint(5, 12))),

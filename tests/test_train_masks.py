@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_pruner
+
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.masked_forward import decoder_parts, gumbel_keep, lm_loss_from_hidden, masked_forward, policy_attention
 from sdtp_core.selection import keep_counts, protected_mask
@@ -69,7 +69,8 @@ def test_masked_forward_equals_real_pruning(arch):
     logits = model.lm_head(inner.norm(out.hidden[:, -1]))
     ref = SDTPEngine(model, pruner).prefill(ids, use_cache=False)
     assert torch.allclose(logits, ref.logits[:, -1], atol=1e-5)
-    assert [h.sum(1).tolist() for h in out.hard] == [ref.kept_counts[:, layer].tolist() for layer in pruner.config.layers]
+    expected = [ref.kept_counts[:, layer].tolist() for layer in pruner.config.layers]
+    assert [h.sum(1).tolist() for h in out.hard] == expected
     dense = model(ids).logits[:, -1]
     assert not torch.allclose(logits, dense, atol=1e-3)  # pruning did change the output
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from sdtp_core.masked_forward import decoder_parts
 from sdtp_core.saliency import SaliencyMismatchError, SaliencyStore, compute_saliency, run_saliency, sparsity_fraction
 from sdtp_core.train_data import Example, collate

@@ -1,0 +1,81 @@
+"""Training data: Dolly loading (real subset), formatting, truncation, batching, refusal of eval sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_train_fixtures import char_tokenizer
+
+from sdtp_core.train_data import TrainDataError, collate, encode_record, load_examples, load_records
+
+
+@pytest.mark.shared_data
+def test_real_dolly_subset_loads_and_formats(data_dir):
+    path = data_dir / "dolly" / "dolly_subset_1000.jsonl"
+    records = load_records(str(path))
+    assert len(records) == 1000
+    assert {"instruction", "context", "response", "category"} <= set(records[0])
+    tok = char_tokenizer()
+    examples = load_examples(str(path), tok, fmt="auto", max_length=256, max_samples=200)
+    assert len(examples) >= 190  # only records with an empty response are skipped
+    assert all(e.length <= 256 and 0 < e.prompt_len < e.length for e in examples)
+    with_context = next(i for i, r in enumerate(records[:200]) if r["context"].strip() and len(r["context"]) < 150)
+    e = next(x for x in examples if x.sample_id == with_context)
+    r = records[with_context]
+    text = tok.decode(e.ids)
+    prompt = tok.decode(e.ids[: e.prompt_len])
+    # The character tokenizer has no chat template, so 'auto' is the plain format.
+    assert prompt == tok.decode(tok(f"{r['instruction'].strip()}\n\n{r['context'].strip()}\n\n")["input_ids"])
+    assert text.endswith("<eos>")
+    long = [x for x in examples if x.length == 256]
+    assert long, "some Dolly samples exceed 256 characters and must be truncated"
+
+
+def test_chat_format_uses_the_template_and_scores_only_the_answer():
+    tok = char_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    record = {"instruction": "Name a cat.", "context": "Pets.", "response": "Tom"}
+    e = encode_record(record, 0, tok, "chat", 512)
+    assert e.ids[: e.prompt_len] == tok("<user>Name a cat.\n\nPets.\n<assistant>")["input_ids"]
+    assert e.ids[e.prompt_len :] == tok("Tom\n")["input_ids"]
+    batch = collate([e])
+    counted = batch.labels[0] != -100
+    assert counted.sum() == e.length - e.prompt_len
+    assert batch.labels[0, e.prompt_len - 1] == e.ids[e.prompt_len]  # the last prompt token predicts the answer
+
+
+def test_truncation_keeps_both_ends_of_the_prompt_and_part_of_the_answer():
+    tok = char_tokenizer()
+    record = {"instruction": "Q" * 10 + "x" * 200 + "END", "context": "", "response": "a" * 100}
+    e = encode_record(record, 0, tok, "plain", 64)
+    assert e.length == 64
+    assert e.length - e.prompt_len == 16  # the answer keeps max_length // 4 tokens
+    prompt = tok.decode(e.ids[: e.prompt_len]).replace(" ", "")
+    assert prompt.startswith("QQQQ") and prompt.endswith("END\n\n")
+
+
+def test_text_records_and_txt_files(tmp_path):
+    tok = char_tokenizer()
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("first block of text here\n\nsecond block, a bit longer than the first\n")
+    examples = load_examples(str(txt), tok, max_length=16, text_prompt_fraction=0.75)
+    assert [e.length for e in examples] == [16, 16] and [e.prompt_len for e in examples] == [12, 12]
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text(json.dumps({"text": "hello world, this is text"}) + "\n")
+    assert load_examples(str(jsonl), tok, max_length=64)[0].prompt_len == int(25 * 0.75)
+
+
+def test_evaluation_sets_and_missing_files_are_refused(tmp_path):
+    for name in ("/data/longbench/qasper.jsonl", "aps/super_glue", "allenai/winogrande"):
+        with pytest.raises(TrainDataError, match="evaluation sets"):
+            load_records(name)
+    with pytest.raises(TrainDataError, match="does not exist"):
+        load_records(str(tmp_path / "missing.jsonl"))
+    empty = tmp_path / "norecords.jsonl"
+    empty.write_text(json.dumps({"instruction": "x", "context": "", "response": ""}) + "\n")
+    with pytest.raises(TrainDataError, match="no usable sample"):
+        load_examples(str(empty), char_tokenizer())
