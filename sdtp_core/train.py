@@ -37,8 +37,8 @@ from .saliency import SaliencyMismatchError, SaliencyStore, run_saliency, summar
 from .train_data import DEFAULT_DATA, FORMATS, Example, TrainDataError, collate, load_examples
 
 STAGES = ("saliency", "prune", "all")
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
 class TrainConfigError(ValueError):
@@ -58,7 +58,7 @@ class TrainConfig:
     text_prompt_fraction: float = 0.75
     max_samples: int | None = None
     max_length: int = 512
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     layers: list[int] | None = None
     keep_ratio: float = 0.9
     keep_first: int = 4
@@ -151,7 +151,8 @@ HELP = {
     "rest is the scored target",
     "max_samples": "use only the first N records of the data",
     "max_length": "truncate samples to this many tokens (prompt middle-truncated, target kept >= 1/4)",
-    "dtype": "dtype of the frozen model (bfloat16 / float16 / float32); the pruner trains in float32",
+    "dtype": "compute dtype of the frozen model: auto (bfloat16 on GPU, float32 on CPU, where bfloat16 matmuls "
+    "without AMX/AVX512-BF16 are far slower), bfloat16, float16 or float32; the pruner trains in float32",
     "layers": "comma-separated decoder layers of the pruning stages (default: the paper's schedule, 10 stages "
     "from layer 4)",
     "keep_ratio": "geometric keep ratio r: stage s keeps r**s of the original prompt tokens",
@@ -272,7 +273,8 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
     from .embedded import resolve_pretrained
 
     path = resolve_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation="sdpa")
+    dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model.requires_grad_(False)
     model.eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)

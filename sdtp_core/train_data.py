@@ -46,8 +46,8 @@ class Example:
         return len(self.ids)
 
 
-def load_records(data: str, max_samples: int | None = None) -> list[dict]:
-    """Load raw records from a local file or a Hub dataset id (first ``max_samples`` records)."""
+def load_records(data: str, max_samples: int | None = None, skip: int = 0) -> list[dict]:
+    """Load raw records from a local file or a Hub dataset id: ``max_samples`` records after the first ``skip``."""
     lowered = data.lower()
     if any(name in lowered for name in _EVAL_NAMES):
         raise TrainDataError(f"refusing to train on {data!r}: it looks like one of the evaluation sets")
@@ -63,6 +63,7 @@ def load_records(data: str, max_samples: int | None = None) -> list[dict]:
             records = list(datasets.load_dataset(data, split="train"))
         except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
             raise TrainDataError(f"could not load Hub dataset {data!r} (train split): {e}") from e
+    records = records[skip:]
     if max_samples is not None:
         records = records[:max_samples]
     if not records:
@@ -172,16 +173,21 @@ def load_examples(
     max_length: int = 512,
     max_samples: int | None = None,
     text_prompt_fraction: float = 0.75,
+    skip: int = 0,
 ) -> list[Example]:
-    """Load, format and tokenize a training set. Raises :class:`TrainDataError` if nothing usable remains."""
+    """Load, format and tokenize a training set. Raises :class:`TrainDataError` if nothing usable remains.
+
+    ``skip`` leaves out the first records (e.g. to evaluate on records a training run did not use);
+    sample ids stay the records' indices in the full source.
+    """
     if max_length < 8:
         raise TrainDataError(f"max_length {max_length} is too small (need at least 8 tokens)")
     if not 0.0 < text_prompt_fraction < 1.0:
         raise TrainDataError(f"text_prompt_fraction {text_prompt_fraction} is outside (0, 1)")
     fmt = resolve_format(fmt, tokenizer)
-    records = load_records(data, max_samples)
+    records = load_records(data, max_samples, skip)
     examples = []
-    for i, record in enumerate(records):
+    for i, record in enumerate(records, start=skip):
         if not isinstance(record, dict):
             raise TrainDataError(f"record {i} of {data} is not an object")
         example = encode_record(record, i, tokenizer, fmt, max_length, text_prompt_fraction)

@@ -1,0 +1,144 @@
+"""How well does a trained pruner predict saliency? ``python -m sdtp_core.pruner_eval --pruner DIR ...``.
+
+On held-out samples (use ``--skip`` to leave out the records a training run used), for every stage:
+
+* ``spearman``: rank correlation between the stage's scores and the true ``|saliency|`` (Stage 1's
+  definition, computed here), over the prompt tokens the stage decides among (unprotected prompt);
+* ``overlap``: the fraction of the tokens kept by top-k on the scores that are also in the top-k of
+  ``|saliency|``, with k the stage's keep count among those tokens.
+
+Scores are taken on the *unpruned* model's hidden states at each stage layer (the same states the
+saliency is defined on), and compared with two baselines at the same keep ratio: a random scorer, and a
+training-free attention score (the attention each token receives at the layer before the stage,
+averaged over heads and over the protected most-recent queries, as in H2O/SnapKV-style methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .masked_forward import decoder_parts
+from .pruner import TokenPruner
+from .saliency import compute_saliency
+from .selection import keep_counts, protected_mask
+from .train_data import Example, collate, load_examples
+
+SCORERS = ("pruner", "random", "attention")
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (ties broken by position)."""
+    if a.numel() < 2:
+        return float("nan")
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
+def topk_overlap(pred: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    """``|topk(pred) ∩ topk(target)| / k`` (1.0 when ``k`` is 0)."""
+    if k <= 0:
+        return 1.0
+    a = set(pred.topk(k).indices.tolist())
+    b = set(target.topk(k).indices.tolist())
+    return len(a & b) / k
+
+
+@torch.no_grad()
+def _stage_inputs(model, input_ids: torch.Tensor, layers: list[int], recent: torch.Tensor):
+    """Hidden states at the input of each layer in ``layers`` and the attention score of each token at the
+    layer before it (mean over heads and over the ``recent`` query positions)."""
+    inner, _ = decoder_parts(model)
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        out = model(input_ids, output_hidden_states=True, output_attentions=True)
+    finally:
+        config._attn_implementation = previous
+    hidden = [out.hidden_states[layer] for layer in layers]
+    attention = [out.attentions[layer - 1][0][:, recent].mean(dim=(0, 1)) for layer in layers]
+    return hidden, attention
+
+
+def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0) -> dict:
+    """Per-stage mean Spearman and top-k overlap of the pruner and the two baselines (see module doc)."""
+    cfg = pruner.config
+    generator = torch.Generator().manual_seed(seed)
+    sums = {name: {"spearman": [0.0] * cfg.num_stages, "overlap": [0.0] * cfg.num_stages} for name in SCORERS}
+    counted = [0] * cfg.num_stages
+    device = next(model.parameters()).device
+    for e in examples:
+        batch = collate([e]).to(device)
+        saliency = compute_saliency(model, batch.input_ids, batch.labels, cfg.layers)[0].abs().cpu()
+        prompt = batch.prompt_mask[0].cpu()
+        protect = protected_mask(prompt.long().unsqueeze(0), cfg.keep_first, cfg.keep_recent)[0]
+        candidates = prompt & ~protect
+        recent = protect.nonzero().flatten()[-max(1, int(protect[e.prompt_len // 2 :].sum())) :]
+        hidden, attention = _stage_inputs(model, batch.input_ids, cfg.layers, recent.to(device))
+        n_prompt = torch.tensor([e.prompt_len])
+        for s in range(cfg.num_stages):
+            c = candidates.nonzero().flatten()
+            if c.numel() < 2:
+                continue
+            k = int(keep_counts(n_prompt, cfg.keep_ratios[s])[0]) - int(protect.sum())
+            k = max(0, min(k, c.numel()))
+            target = saliency[s, c]
+            scores = {
+                "pruner": pruner.score(s, hidden[s]).float()[0].cpu()[c],
+                "random": torch.rand(c.numel(), generator=generator),
+                "attention": attention[s].float().cpu()[c],
+            }
+            for name, pred in scores.items():
+                sums[name]["spearman"][s] += spearman(pred, target)
+                sums[name]["overlap"][s] += topk_overlap(pred, target, k)
+            counted[s] += 1
+    result = {"num_samples": len(examples), "layers": cfg.layers, "keep_ratios": cfg.keep_ratios}
+    for name in SCORERS:
+        result[name] = {
+            metric: [round(v / max(1, n), 4) for v, n in zip(values, counted)] for metric, values in sums[name].items()
+        }
+        result[name]["mean_spearman"] = round(sum(result[name]["spearman"]) / max(1, cfg.num_stages), 4)
+        result[name]["mean_overlap"] = round(sum(result[name]["overlap"]) / max(1, cfg.num_stages), 4)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdtp_core.pruner_eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pruner", required=True, help="trained pruner directory (OUT/pruner)")
+    parser.add_argument("--model", default=None, help="model id or path (default: the embedded model)")
+    parser.add_argument("--data", required=True, help="held-out data (same formats as sdtp_core.train --data)")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N records (the training ones)")
+    parser.add_argument("--max-samples", type=int, default=20, help="number of held-out samples")
+    parser.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
+    parser.add_argument("--format", default="auto", help="auto, chat or plain (as in training)")
+    parser.add_argument("--out", default=None, help="write the JSON result here (default: print it)")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .embedded import resolve_pretrained
+
+    path = resolve_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pruner = TokenPruner.from_pretrained(args.pruner)
+    pruner.config.check_model(model.config)
+    examples = load_examples(args.data, tokenizer, args.format, args.max_length, args.max_samples, skip=args.skip)
+    result = evaluate(model, pruner, examples)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
