@@ -119,6 +119,8 @@ class SaliencyStore:
     def init(self, meta: dict) -> None:
         """Create the directory, or check that an existing one was made with the same ``meta``."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        if (self.directory / META_NAME).is_file():  # possibly written by another process meanwhile
+            self.meta = json.loads((self.directory / META_NAME).read_text())
         if self.meta is not None:
             differing = sorted(k for k in set(meta) | set(self.meta) if meta.get(k) != self.meta.get(k))
             if differing:
