@@ -353,6 +353,9 @@ def save_checkpoint(out: Path, step: int, pruner, optimizer, scheduler, cfg: Tra
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
+    if (final / "state.json").is_file():  # this step is already saved (the state of a step is deterministic)
+        _atomic_write_text(root / "latest", final.name)
+        return final
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -362,7 +365,7 @@ def save_checkpoint(out: Path, step: int, pruner, optimizer, scheduler, cfg: Tra
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.fingerprint()}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover
     os.replace(tmp, final)
     _atomic_write_text(root / "latest", final.name)
     old = sorted(p for p in root.glob("step-*") if p.is_dir())[: -cfg.keep_checkpoints]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +179,25 @@ def test_help_explains_every_option(capsys):
         assert flag in text
     for action in build_parser()._actions:
         assert action.help, action.dest
+
+
+def test_sigkill_at_an_arbitrary_point_then_resume_is_bit_identical(work, tmp_path):
+    """A real kill (SIGKILL, possibly in the middle of writing a checkpoint), then --resume."""
+    common = ("--epochs", "4", "--checkpoint-every", "1")
+    ref = tmp_path / "ref"
+    assert main(_args(work, ref, *common)) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sdtp_core.train", *_args(work, out, *common)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "pruner").exists(), "the run finished before it could be killed"
+    assert main(_args(work, out, *common, "--resume")) == 0
+    a, b = _weights(ref), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
