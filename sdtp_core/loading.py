@@ -10,7 +10,7 @@ import torch
 from .embedded import converted_dir, resolve_pretrained
 from .pruner import TokenPruner
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("lm_eval.sdtp")
 
 DTYPES = {
     "bfloat16": torch.bfloat16,

@@ -57,3 +57,70 @@ def data_dir() -> Path:
             pytest.fail("CI must set SDTP_DATA_DIR to the shared evaluation data (../shared/data)")
         pytest.skip("real evaluation data not found: set SDTP_DATA_DIR to a copy of the original releases")
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The converted embedded model (converts once, ~1 min, on a fresh machine)."""
+    from sdtp_core.embedded import ensure_embedded_model
+
+    return ensure_embedded_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, embedded_dir) -> Path:
+    """A tiny random Qwen2 saved as a Hugging Face directory with the real Qwen2.5 tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    torch.manual_seed(0)
+    config = Qwen2Config(**{**TINY, "vocab_size": len(tokenizer)}, attn_implementation="sdpa")
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = Qwen2ForCausalLM(config).eval()
+    out = tmp_path_factory.mktemp("tiny_qwen2")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_datasets_cache(tmp_path_factory) -> Path:
+    """The real COPA/PIQA/WinoGrande (etc.) installed offline into a temporary datasets cache."""
+    import subprocess
+    import sys
+
+    path = shared_data_dir()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must set SDTP_DATA_DIR to the shared evaluation data (../shared/data)")
+        pytest.skip("real evaluation data not found: set SDTP_DATA_DIR to a copy of the original releases")
+    cache = tmp_path_factory.mktemp("hf_datasets")
+    data_home = tmp_path_factory.mktemp("sdtp_data")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdtp_eval.data",
+            "install",
+            "--from",
+            str(path),
+            "--cache-dir",
+            str(cache),
+            "--data-home",
+            str(data_home),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    os.environ["SDTP_TEST_DATA_HOME"] = str(data_home)
+    return cache
+
+
+def offline_env(cache: Path) -> dict:
+    """Environment for an lm_eval subprocess that reads the installed data offline."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
+    if os.environ.get("SDTP_TEST_DATA_HOME"):
+        env["SDTP_DATA_HOME"] = os.environ["SDTP_TEST_DATA_HOME"]
+    return env
