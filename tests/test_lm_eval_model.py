@@ -88,7 +88,7 @@ def test_prune_false_equals_hf_and_pruning_reports_compression(tiny_hf_dir, hf_d
         hf_datasets_cache,
         tmp_path / "dense",
     )
-    ratio1 = run_lm_eval(
+    run_lm_eval(
         [
             "--model",
             "sdtp",
