@@ -21,6 +21,7 @@ Qwen2.5-Coder-0.5B-Instruct is used.
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 
 import torch
@@ -129,6 +130,7 @@ class SDTPLM(HFLM):
         self.truncation_mode = truncation if truncation in ("left", "middle") else "left"
         self.prune = _as_bool(prune)
         layers = _as_layers(layers)
+        cpu_world = int(os.environ.get("WORLD_SIZE", "1")) if not torch.cuda.is_available() else 1
         keep_ratio = None if keep_ratio is None else float(keep_ratio)
         if dtype in (None, "default"):
             # lm_eval's CLI passes device="cuda" by default; HFLM falls back to the CPU without CUDA.
@@ -140,6 +142,8 @@ class SDTPLM(HFLM):
         super().__init__(
             pretrained=resolve_pretrained(pretrained), dtype=dtype, device=device, truncation=hf_truncation, **kwargs
         )
+        if cpu_world > 1 and self.world_size == 1:
+            self._join_cpu_data_parallel()
         # With prune=false no pruner is needed (or loaded): every call goes to HFLM's dense path.
         self.pruner_module = load_pruner(pruner, self.model, layers, keep_ratio) if self.prune else None
         self.pruner_spec = (pruner or "default") if self.prune else None
@@ -150,6 +154,21 @@ class SDTPLM(HFLM):
         self._batch_tasks: list[str] = []
         self._said_rolling = False
         self._chat_marker = self._user_turn_prefix()
+
+    def _join_cpu_data_parallel(self) -> None:
+        """Data parallelism on CPUs: HFLM only splits work across GPUs, so join the launcher's processes here.
+
+        Launched by ``accelerate launch --multi_gpu --num_processes N`` (with ``--cpu`` or
+        ``ACCELERATE_USE_CPU=1``) or ``torchrun --nproc_per_node N``; each process then evaluates
+        its share of the requests, exactly as HFLM does on GPUs.
+        """
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=True)
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        if self.rank == 0:
+            logger.info("sdtp: data parallel on CPU over %d processes", self.world_size)
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):

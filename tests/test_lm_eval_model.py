@@ -184,22 +184,23 @@ def test_data_parallel_gives_the_same_scores(tiny_hf_dir, hf_datasets_cache, tmp
         [
             shutil.which("accelerate"),
             "launch",
+            "--multi_gpu",  # with ACCELERATE_USE_CPU; on accelerate 1.x "--cpu" alone starts one process
             "--num_processes",
             "2",
-            "--cpu",
             "-m",
             "lm_eval",
             *args,
             str(tmp_path / "two"),
         ],
-        env={**env, "OMP_NUM_THREADS": "1"},
+        env={**env, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"},
         capture_output=True,
         text=True,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     res = [json.loads(sorted((tmp_path / d).rglob("results_*.json"))[-1].read_text()) for d in ("one", "two")]
     assert res[0]["results"]["copa"]["acc,none"] == pytest.approx(res[1]["results"]["copa"]["acc,none"])
-    assert res[1]["config"]["sdtp"]["per_task"]["copa"]["requests"] == 32
+    assert "data parallel on CPU over 2 processes" in two.stderr
+    assert res[1]["config"]["sdtp"]["per_task"]["copa"]["requests"] == 32  # both ranks' shares, gathered
 
 
 def test_bad_model_args_give_clear_errors(tiny_hf_dir):
