@@ -52,6 +52,7 @@ class SaliencyMismatchError(ValueError):
     """Stored saliency does not match the model, the pruning layers or the samples in use."""
 
 
+@torch.enable_grad()  # needs autograd even if the caller disabled it
 def compute_saliency(model, input_ids: torch.Tensor, labels: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """Gradient-times-input saliency of every token at the input of each of ``layers``.
 

@@ -408,6 +408,7 @@ def truncate_log(path: Path, step: int) -> None:
 # Stage 2: the training loop
 
 
+@torch.enable_grad()  # needs autograd even if the caller disabled it
 def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], model_name: str, pad_id: int) -> Path:
     """Stage 2. Returns the directory of the trained pruner (``OUT/pruner``)."""
     out = Path(cfg.out)

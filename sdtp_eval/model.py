@@ -139,6 +139,8 @@ class SDTPLM(HFLM):
                 "torch."
             )
         hf_truncation = truncation if isinstance(truncation, bool) else False
+        if device is None:  # HFLM's own default is "cuda" (it falls back to the CPU without CUDA)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(
             pretrained=resolve_pretrained(pretrained), dtype=dtype, device=device, truncation=hf_truncation, **kwargs
         )

@@ -12,7 +12,13 @@ from oracle import mask_simulated_forward
 from sdtp_core.engine import PromptError, SDTPEngine
 from sdtp_core.generate import generate
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to each test so other test modules keep autograd on."""
+    with torch.no_grad():
+        yield
 
 
 def prompt(n: int, seed: int = 0) -> torch.Tensor:

@@ -212,7 +212,7 @@ def test_bad_model_args_give_clear_errors(tiny_hf_dir):
         SDTPLM(pretrained=str(tiny_hf_dir), pruner="random", layers="a:b")
     with pytest.raises(Exception, match="out of range"):
         SDTPLM(pretrained=str(tiny_hf_dir), pruner="random", layers="1:9")
-    with pytest.raises(Exception, match="outside \\(0, 1\\]"):
+    with pytest.raises(Exception, match=r"must be in \(0, 1\]"):
         SDTPLM(pretrained=str(tiny_hf_dir), pruner="random", layers="1:3", keep_ratio=1.5)
     with pytest.raises(ValueError, match="expected true or false"):
         SDTPLM(pretrained=str(tiny_hf_dir), prune="maybe")
