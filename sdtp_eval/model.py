@@ -75,10 +75,15 @@ class PruningStats:
 
     def __init__(self, stage_layers: list[int]):
         self.stage_layers = stage_layers
-        self.sums: dict[str, dict] = defaultdict(lambda: {"n": 0, "compression": 0.0, "kept": None, "length": 0})
+        self.sums: dict[str, dict] = defaultdict(
+            lambda: {"n": 0, "compression": 0.0, "kept": None, "length": 0, "timed": 0, "prefill_s": 0.0, "total_s": 0.0}
+        )
 
-    def add(self, task: str, result, rows: list[int] | None = None) -> None:
+    def add(self, task: str, result, rows: list[int] | None = None, seconds: tuple[float, float] | None = None) -> None:
+        """Add rows of a :class:`~sdtp_core.engine.PrefillResult`; ``seconds`` = (prefill, prefill + decoding)
+        of a generation batch, shared equally by its rows."""
         rows = range(result.lengths.shape[0]) if rows is None else rows
+        share = 1.0 / result.lengths.shape[0]
         for b in rows:
             entry = self.sums[task]
             kept = [float(result.kept_counts[b, layer]) for layer in self.stage_layers]
@@ -86,6 +91,10 @@ class PruningStats:
             entry["compression"] += float(result.compression[b])
             entry["length"] += int(result.lengths[b])
             entry["kept"] = kept if entry["kept"] is None else [a + k for a, k in zip(entry["kept"], kept)]
+            if seconds is not None:
+                entry["timed"] += 1
+                entry["prefill_s"] += seconds[0] * share
+                entry["total_s"] += seconds[1] * share
 
     def merge(self, other: dict) -> None:
         for task, e in other.items():
@@ -93,6 +102,8 @@ class PruningStats:
             mine["n"] += e["n"]
             mine["compression"] += e["compression"]
             mine["length"] += e["length"]
+            for key in ("timed", "prefill_s", "total_s"):
+                mine[key] += e[key]
             if e["kept"] is not None:
                 mine["kept"] = e["kept"] if mine["kept"] is None else [a + k for a, k in zip(mine["kept"], e["kept"])]
 
@@ -103,6 +114,14 @@ class PruningStats:
                 "mean_compression": e["compression"] / e["n"],
                 "mean_prompt_tokens": e["length"] / e["n"],
                 "mean_kept_per_stage": [k / e["n"] for k in e["kept"] or []],
+                **(
+                    {
+                        "mean_prefill_seconds": e["prefill_s"] / e["timed"],
+                        "mean_generation_seconds": e["total_s"] / e["timed"],
+                    }
+                    if e["timed"]
+                    else {}
+                ),
             }
             for task, e in sorted(self.sums.items())
             if e["n"]
@@ -318,7 +337,7 @@ class SDTPLM(HFLM):
         )
         tasks = self._batch_tasks if len(self._batch_tasks) == context.shape[0] else ["unknown"] * context.shape[0]
         for b, task in enumerate(tasks):
-            self.stats.add(task, out.prefill, [b])
+            self.stats.add(task, out.prefill, [b], seconds=(out.prefill_seconds, out.total_seconds))
         return torch.cat([context, out.sequences.to(context.device)], dim=1)
 
     # ------------------------------------------------------------------ reporting
