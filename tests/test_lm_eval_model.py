@@ -216,3 +216,35 @@ def test_bad_model_args_give_clear_errors(tiny_hf_dir):
         SDTPLM(pretrained=str(tiny_hf_dir), pruner="random", layers="1:3", keep_ratio=1.5)
     with pytest.raises(ValueError, match="expected true or false"):
         SDTPLM(pretrained=str(tiny_hf_dir), prune="maybe")
+
+
+@pytest.mark.shared_data
+def test_compare_runs_configurations_back_to_back(tiny_hf_dir, hf_datasets_cache, tmp_path, monkeypatch):
+    from sdtp_eval.compare import main as compare
+
+    for key, value in offline_env(hf_datasets_cache).items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "results" / "copa_tiny"
+    argv = ["--tasks", "copa", "--limit", "8", "--batch-size", "4", "--pretrained", str(tiny_hf_dir),
+            "--dtype", "float32", "--run", "hf=hf", "--run", "dense=sdtp:prune=false",
+            "--run", "pruned=sdtp:pruner=random,layers=1:3,keep_ratio=0.7", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+    report = compare(argv)
+    hf, dense, pruned = report["runs"]
+    assert hf["scores"]["copa"]["acc"] == dense["scores"]["copa"]["acc"]
+    assert hf["n_samples"]["copa"] == 8 and hf["wall_ratio_to_first"] == 1.0
+    assert f"pretrained={tiny_hf_dir}" in hf["model_args"] and "dtype=float32" in dense["model_args"]
+    assert pruned["sdtp"]["per_task"]["copa"]["mean_compression"] > 1.0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [r["name"] for r in saved["runs"]] == ["hf", "dense", "pruned"]
+    table = out.with_suffix(".md").read_text()
+    assert "| copa | acc | 8 |" in table and "wall / hf" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert not list((tmp_path / "results").glob("*runs*")), "lm-eval samples must not land next to the results"
+
+
+def test_compare_rejects_a_malformed_run():
+    from sdtp_eval.compare import Run
+
+    with pytest.raises(ValueError, match="NAME=MODEL"):
+        Run.parse("sdtp")
+    assert Run.parse("dense=sdtp:prune=false,keep_ratio=1.0") == Run("dense", "sdtp", "prune=false,keep_ratio=1.0")
