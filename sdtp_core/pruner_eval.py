@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .masked_forward import decoder_parts
 from .pruner import TokenPruner
@@ -74,7 +75,7 @@ def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0)
     sums = {name: {"spearman": [0.0] * cfg.num_stages, "overlap": [0.0] * cfg.num_stages} for name in SCORERS}
     counted = [0] * cfg.num_stages
     device = next(model.parameters()).device
-    for e in examples:
+    for e in tqdm(examples, desc="pruner_eval", unit="sample"):
         batch = collate([e]).to(device)
         saliency = compute_saliency(model, batch.input_ids, batch.labels, cfg.layers)[0].abs().cpu()
         prompt = batch.prompt_mask[0].cpu()
@@ -133,11 +134,60 @@ def main(argv: list[str] | None = None) -> int:
     pruner.config.check_model(model.config)
     examples = load_examples(args.data, tokenizer, args.format, args.max_length, args.max_samples, skip=args.skip)
     result = evaluate(model, pruner, examples)
-    text = json.dumps(result, indent=2)
+    from .bench import machine_info
+
+    result = {
+        "command": "python -m sdtp_core.pruner_eval " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "pruner": args.pruner,
+        "data": args.data,
+        "skip": args.skip,
+        "max_length": args.max_length,
+        **result,
+    }
+    print(format_table(result))
     if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(f"Command: `{result['command']}`\n\n{format_table(result)}")
+        plot(result, out.with_suffix(".png"))
+        print(f"wrote {out}, .md and .png")
     return 0
+
+
+def format_table(result: dict) -> str:
+    """Markdown table: per stage, Spearman and top-k overlap of each scorer."""
+    head = "| stage | layer | keep ratio | " + " | ".join(f"{n} ρ | {n} overlap" for n in SCORERS) + " |"
+    lines = [head, "|---:|---:|---:|" + "---:|---:|" * len(SCORERS)]
+    for s, (layer, ratio) in enumerate(zip(result["layers"], result["keep_ratios"])):
+        cells = " | ".join(f"{result[n]['spearman'][s]:.3f} | {result[n]['overlap'][s]:.3f}" for n in SCORERS)
+        lines.append(f"| {s + 1} | {layer} | {ratio:.3f} | {cells} |")
+    means = " | ".join(f"**{result[n]['mean_spearman']:.3f}** | **{result[n]['mean_overlap']:.3f}**" for n in SCORERS)
+    lines.append(f"| mean | | | {means} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Spearman and top-k overlap per stage, one line per scorer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, label in zip(axes, ("spearman", "overlap"), ("Spearman ρ with |saliency|", "top-k overlap")):
+        for name, style in zip(SCORERS, ("C0-o", "C7--s", "C1-^")):
+            ax.plot(result["layers"], result[name][metric], style, label=name)
+        ax.set_xlabel("stage layer")
+        ax.set_ylabel(label)
+        ax.set_xticks(result["layers"])
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"Pruner vs saliency on {result['num_samples']} held-out samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

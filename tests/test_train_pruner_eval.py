@@ -29,3 +29,17 @@ def test_evaluate_reports_every_stage_and_baseline():
         assert len(result[name]["spearman"]) == 3 and len(result[name]["overlap"]) == 3
         assert all(-1.0 <= v <= 1.0 for v in result[name]["spearman"])
         assert all(0.0 <= v <= 1.0 for v in result[name]["overlap"])
+
+
+def test_report_table_and_plot(tmp_path):
+    from sdtp_core.pruner_eval import format_table, plot
+
+    result = {"num_samples": 2, "layers": [1, 3], "keep_ratios": [0.9, 0.81]}
+    for i, name in enumerate(("pruner", "random", "attention")):
+        result[name] = {"spearman": [0.5 - i / 10, 0.25], "overlap": [0.75, 0.5 + i / 10],
+                        "mean_spearman": 0.375 - i / 20, "mean_overlap": 0.625 + i / 20}
+    table = format_table(result)
+    assert "| 1 | 1 | 0.900 | 0.500 | 0.750 | 0.400 | 0.750 | 0.300 | 0.750 |" in table
+    assert "| mean | | | **0.375** | **0.625** |" in table
+    plot(result, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 1000
