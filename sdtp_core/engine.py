@@ -61,13 +61,11 @@ class SDTPEngine:
 
     def __init__(self, model, pruner: TokenPruner | None = None):
         inner = getattr(model, "model", None)
-        missing = [
-            name for name in ("embed_tokens", "layers", "rotary_emb", "norm") if not hasattr(inner, name)
-        ] + ([] if hasattr(model, "lm_head") else ["lm_head"])
+        missing = [name for name in ("embed_tokens", "layers", "rotary_emb", "norm") if not hasattr(inner, name)] + (
+            [] if hasattr(model, "lm_head") else ["lm_head"]
+        )
         if missing:
-            raise TypeError(
-                f"{type(model).__name__} does not have the Llama/Qwen2 decoder layout (missing {missing})"
-            )
+            raise TypeError(f"{type(model).__name__} does not have the Llama/Qwen2 decoder layout (missing {missing})")
         layer_types = getattr(model.config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise NotImplementedError("sliding-window attention layers are not supported by the pruned forward")
@@ -132,9 +130,7 @@ class SDTPEngine:
         index, valid = compact(mask.bool())
         ids = input_ids.gather(1, index)
         positions = (mask.long().cumsum(1) - 1).gather(1, index).clamp(min=0)
-        protected = (
-            protected_mask(mask, cfg.keep_first, cfg.keep_recent, protect).gather(1, index) if pruning else None
-        )
+        protected = protected_mask(mask, cfg.keep_first, cfg.keep_recent, protect).gather(1, index) if pruning else None
         stage_at = {layer: s for s, layer in enumerate(cfg.layers)} if pruning else {}
 
         hidden = self.inner.embed_tokens(ids)

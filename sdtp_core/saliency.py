@@ -203,8 +203,11 @@ class SaliencyStore:
             raise SaliencyMismatchError(
                 f"{self.directory} holds no saliency ({META_NAME} missing): run the 'saliency' stage first"
             )
-        shape = {"num_hidden_layers": model_config.num_hidden_layers, "hidden_size": model_config.hidden_size,
-                 "vocab_size": model_config.vocab_size}
+        shape = {
+            "num_hidden_layers": model_config.num_hidden_layers,
+            "hidden_size": model_config.hidden_size,
+            "vocab_size": model_config.vocab_size,
+        }
         for key, value in shape.items():
             if self.meta.get(key) != value:
                 raise SaliencyMismatchError(

@@ -37,8 +37,15 @@ from .saliency import SaliencyMismatchError, SaliencyStore, run_saliency, summar
 from .train_data import DEFAULT_DATA, FORMATS, Example, TrainDataError, collate, load_examples
 
 STAGES = ("saliency", "prune", "all")
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 class TrainConfigError(ValueError):
@@ -102,8 +109,17 @@ class TrainConfig:
             raise TrainConfigError(f"unknown schedule {self.schedule!r}; choose cosine, linear or constant")
         if not 0.0 < self.keep_ratio <= 1.0:
             raise TrainConfigError(f"--keep-ratio {self.keep_ratio} is outside (0, 1]")
-        positive = ("max_length", "epochs", "batch_size", "grad_accum", "saliency_batch_size", "shard_size",
-                    "checkpoint_every", "keep_checkpoints", "max_pairs")
+        positive = (
+            "max_length",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "saliency_batch_size",
+            "shard_size",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_pairs",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -130,8 +146,19 @@ class TrainConfig:
 
     def fingerprint(self) -> dict:
         """The settings a Stage 2 checkpoint depends on (a resumed run must not change them)."""
-        skip = {"stage", "out", "saliency_dir", "resume", "stop_after_steps", "threads", "config",
-                "checkpoint_every", "keep_checkpoints", "shard_size", "saliency_batch_size"}
+        skip = {
+            "stage",
+            "out",
+            "saliency_dir",
+            "resume",
+            "stop_after_steps",
+            "threads",
+            "config",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "shard_size",
+            "saliency_batch_size",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -203,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         "names); command-line options override the file.",
     )
     defaults = TrainConfig()
-    p.add_argument("stage_pos", nargs="?", choices=STAGES, metavar="STAGE",
-                   help="saliency | prune | all (same as --stage)")
+    p.add_argument(
+        "stage_pos", nargs="?", choices=STAGES, metavar="STAGE", help="saliency | prune | all (same as --stage)"
+    )
     p.add_argument("--stage", choices=STAGES, default=None, help="saliency | prune | all (default: all)")
     p.add_argument("--config", default=None, help="YAML or JSON file of settings (CLI options override it)")
     for f in dataclasses.fields(TrainConfig):
@@ -284,16 +312,25 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
 def pruner_config(cfg: TrainConfig, model_config) -> PrunerConfig:
     """The pruning schedule: ``--layers`` (default: the paper's placement) with geometric ratios."""
     return PrunerConfig.for_model(
-        model_config, layers=cfg.layers, r=cfg.keep_ratio,
-        keep_first=cfg.keep_first, keep_recent=cfg.keep_recent, mlp_ratio=cfg.mlp_ratio,
+        model_config,
+        layers=cfg.layers,
+        r=cfg.keep_ratio,
+        keep_first=cfg.keep_first,
+        keep_recent=cfg.keep_recent,
+        mlp_ratio=cfg.mlp_ratio,
     )
 
 
 def saliency_meta(cfg: TrainConfig, model_config, model_name: str, layers: list[int]) -> dict:
     return {
-        "model": model_name, "num_hidden_layers": model_config.num_hidden_layers,
-        "hidden_size": model_config.hidden_size, "vocab_size": model_config.vocab_size, "layers": layers,
-        "data": cfg.data, "format": cfg.format, "max_length": cfg.max_length,
+        "model": model_name,
+        "num_hidden_layers": model_config.num_hidden_layers,
+        "hidden_size": model_config.hidden_size,
+        "vocab_size": model_config.vocab_size,
+        "layers": layers,
+        "data": cfg.data,
+        "format": cfg.format,
+        "max_length": cfg.max_length,
         "text_prompt_fraction": cfg.text_prompt_fraction,
         "loss": "mean next-token cross-entropy over the response (target) tokens",
         "saliency": "sum over hidden of dL/dh * h at the input of each layer",
@@ -442,8 +479,14 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
     accelerator.wait_for_everyone()
 
     stop_at = total_steps if cfg.stop_after_steps is None else min(total_steps, start + cfg.stop_after_steps)
-    bar = tqdm(range(start, stop_at), initial=start, total=total_steps, desc="prune", unit="step",
-               disable=not accelerator.is_main_process)
+    bar = tqdm(
+        range(start, stop_at),
+        initial=start,
+        total=total_steps,
+        desc="prune",
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
     running: dict[str, float] = {}
     for step in bar:
         t0 = time.perf_counter()
@@ -456,8 +499,16 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
             chunk = mine[micro : micro + cfg.batch_size]
             batch = collate(chunk, pad_id).to(device)
             generator = [sample_generator(cfg.seed, step, e.sample_id) for e in chunk]
-            res = masked_forward(model, pruner, batch.input_ids, batch.attention_mask, batch.prompt_mask,
-                                 tau=cfg.tau, generator=generator, lm_grad=w_lm > 0)
+            res = masked_forward(
+                model,
+                pruner,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.prompt_mask,
+                tau=cfg.tau,
+                generator=generator,
+                lm_grad=w_lm > 0,
+            )
             zero = torch.zeros(len(chunk), device=device)
             lm = lm_loss_from_hidden(model, res.hidden, batch.labels)
             mse, rnk = zero.clone(), zero.clone()
@@ -467,8 +518,9 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
                     if w_mse > 0:
                         mse = mse + mse_loss_per_sample(res.scores[s], targets[s], res.decided[s])
                     if w_rank > 0:
-                        rnk = rnk + rank_loss_per_sample(res.scores[s], targets[s], res.decided[s],
-                                                         cfg.max_pairs, generator)
+                        rnk = rnk + rank_loss_per_sample(
+                            res.scores[s], targets[s], res.decided[s], cfg.max_pairs, generator
+                        )
             total = w_lm * lm + w_mse * mse + w_rank * rnk
             # Sum over samples / global batch size: with the all-reduce below, the gradient is exactly
             # the mean over the global batch, whatever the process count and micro-batch split.
@@ -492,9 +544,18 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
         optimizer.zero_grad(set_to_none=True)
 
         means = (sums / len(global_ids)).tolist()
-        record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": means[0], "lm": means[1], "mse": means[2],
-                  "rank": means[3], "kept_prompt_fraction": means[4], "grad_norm": float(grad_norm),
-                  "seconds": round(time.perf_counter() - t0, 3)}
+        record = {
+            "step": step + 1,
+            "epoch": epoch,
+            "lr": lr,
+            "loss": means[0],
+            "lm": means[1],
+            "mse": means[2],
+            "rank": means[3],
+            "kept_prompt_fraction": means[4],
+            "grad_norm": float(grad_norm),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         for key in ("loss", "lm", "mse", "rank"):
             running[key] = record[key] if key not in running else 0.9 * running[key] + 0.1 * record[key]
         if accelerator.is_main_process:
@@ -540,22 +601,37 @@ def run(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     model, tokenizer, model_name = load_model_and_tokenizer(cfg, accelerator.device)
     pcfg = pruner_config(cfg, model.config)  # validates --layers / --keep-ratio against the model
-    examples = load_examples(cfg.data, tokenizer, cfg.format, cfg.max_length, cfg.max_samples,
-                             cfg.text_prompt_fraction)
+    examples = load_examples(cfg.data, tokenizer, cfg.format, cfg.max_length, cfg.max_samples, cfg.text_prompt_fraction)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        effective = {**dataclasses.asdict(cfg), "resolved_model": model_name, "pruner": pcfg.to_dict(),
-                     "num_examples": len(examples), "num_processes": accelerator.num_processes}
+        effective = {
+            **dataclasses.asdict(cfg),
+            "resolved_model": model_name,
+            "pruner": pcfg.to_dict(),
+            "num_examples": len(examples),
+            "num_processes": accelerator.num_processes,
+        }
         _atomic_write_text(out / "train_config.json", json.dumps(effective, indent=2))
     accelerator.wait_for_everyone()
 
     if cfg.stage in ("saliency", "all"):
         store = SaliencyStore(cfg.saliency_path)
         meta = saliency_meta(cfg, model.config, model_name, pcfg.layers)
-        run_saliency(model, examples, pcfg.layers, store, meta, accelerator.process_index,
-                     accelerator.num_processes, cfg.saliency_batch_size, cfg.shard_size, pad_id,
-                     show_progress=accelerator.is_local_main_process, barrier=accelerator.wait_for_everyone)
+        run_saliency(
+            model,
+            examples,
+            pcfg.layers,
+            store,
+            meta,
+            accelerator.process_index,
+            accelerator.num_processes,
+            cfg.saliency_batch_size,
+            cfg.shard_size,
+            pad_id,
+            show_progress=accelerator.is_local_main_process,
+            barrier=accelerator.wait_for_everyone,
+        )
         if accelerator.is_main_process:
             summary = summarize(store, examples, out)
             print("saliency sparsity per layer:", dict(zip(summary["layers"], summary["fraction_above_10pct_of_max"])))

@@ -109,18 +109,14 @@ def split_record(record: dict, tokenizer, fmt: str) -> tuple[str, str] | None:
     if "text" in record and "instruction" not in record:
         return None
     if "instruction" not in record or "response" not in record:
-        raise TrainDataError(
-            f"record has fields {sorted(record)}; expected instruction/context/response or text"
-        )
+        raise TrainDataError(f"record has fields {sorted(record)}; expected instruction/context/response or text")
     instruction, context = str(record["instruction"]).strip(), str(record.get("context") or "").strip()
     user = f"{instruction}\n\n{context}" if context else instruction
     response = str(record["response"]).strip()
     if fmt == "chat":
         messages = [{"role": "user", "content": user}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": response}], tokenize=False
-        )
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
         if not full.startswith(prompt):
             raise TrainDataError("the chat template does not extend the prompt with the answer; use --format plain")
         return prompt, full[len(prompt) :]

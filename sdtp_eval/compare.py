@@ -44,7 +44,9 @@ class Run:
         """``NAME=MODEL[:MODEL_ARGS]``, e.g. ``dense=sdtp:prune=false``."""
         name, sep, rest = text.partition("=")
         if not sep or not name or not rest:
-            raise ValueError(f"--run must look like NAME=MODEL[:MODEL_ARGS] (e.g. dense=sdtp:prune=false), got {text!r}")
+            raise ValueError(
+                f"--run must look like NAME=MODEL[:MODEL_ARGS] (e.g. dense=sdtp:prune=false), got {text!r}"
+            )
         model, _, args = rest.partition(":")
         return cls(name, model, args)
 
@@ -59,7 +61,16 @@ def with_defaults(model_args: str, defaults: dict[str, str]) -> str:
 def lm_eval_command(run: Run, args: argparse.Namespace, model_args: str, out: Path) -> list[str]:
     exe = shutil.which("lm_eval")
     cmd = [exe] if exe else [sys.executable, "-m", "lm_eval"]
-    cmd += ["--model", run.model, "--model_args", model_args, "--tasks", args.tasks, "--batch_size", str(args.batch_size)]
+    cmd += [
+        "--model",
+        run.model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        args.tasks,
+        "--batch_size",
+        str(args.batch_size),
+    ]
     cmd += ["--output_path", str(out), "--log_samples", "--num_fewshot", str(args.num_fewshot)]
     if args.limit is not None:
         cmd += ["--limit", str(args.limit)]
@@ -216,11 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"run names must be unique, got {names}")
     if args.limit is not None and args.limit.is_integer():
         args.limit = int(args.limit)
+    import torch
+
     from sdtp_core.bench import machine_info
     from sdtp_core.embedded import resolve_pretrained
     from sdtp_core.loading import default_dtype
-
-    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     defaults = {

@@ -76,7 +76,15 @@ class PruningStats:
     def __init__(self, stage_layers: list[int]):
         self.stage_layers = stage_layers
         self.sums: dict[str, dict] = defaultdict(
-            lambda: {"n": 0, "compression": 0.0, "kept": None, "length": 0, "timed": 0, "prefill_s": 0.0, "total_s": 0.0}
+            lambda: {
+                "n": 0,
+                "compression": 0.0,
+                "kept": None,
+                "length": 0,
+                "timed": 0,
+                "prefill_s": 0.0,
+                "total_s": 0.0,
+            }
         )
 
     def add(self, task: str, result, rows: list[int] | None = None, seconds: tuple[float, float] | None = None) -> None:

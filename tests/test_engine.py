@@ -13,7 +13,6 @@ from sdtp_core.engine import PromptError, SDTPEngine
 from sdtp_core.generate import generate
 
 
-
 @pytest.fixture(autouse=True)
 def _no_grad():
     """Inference only; scoped to each test so other test modules keep autograd on."""

@@ -225,9 +225,28 @@ def test_compare_runs_configurations_back_to_back(tiny_hf_dir, hf_datasets_cache
     for key, value in offline_env(hf_datasets_cache).items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "results" / "copa_tiny"
-    argv = ["--tasks", "copa", "--limit", "8", "--batch-size", "4", "--pretrained", str(tiny_hf_dir),
-            "--dtype", "float32", "--run", "hf=hf", "--run", "dense=sdtp:prune=false",
-            "--run", "pruned=sdtp:pruner=random,layers=1:3,keep_ratio=0.7", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+    argv = [
+        "--tasks",
+        "copa",
+        "--limit",
+        "8",
+        "--batch-size",
+        "4",
+        "--pretrained",
+        str(tiny_hf_dir),
+        "--dtype",
+        "float32",
+        "--run",
+        "hf=hf",
+        "--run",
+        "dense=sdtp:prune=false",
+        "--run",
+        "pruned=sdtp:pruner=random,layers=1:3,keep_ratio=0.7",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
     report = compare(argv)
     hf, dense, pruned = report["runs"]
     assert hf["scores"]["copa"]["acc"] == dense["scores"]["copa"]["acc"]

@@ -13,8 +13,22 @@ from test_train_fixtures import tiny_model_dir, toy_dolly
 
 from sdtp_core.train import main
 
-ARGS = ["--layers", "1,3,4", "--keep-ratio", "0.7", "--keep-first", "2", "--dtype", "float32",
-        "--batch-size", "1", "--epochs", "1", "--shard-size", "2"]
+ARGS = [
+    "--layers",
+    "1,3,4",
+    "--keep-ratio",
+    "0.7",
+    "--keep-first",
+    "2",
+    "--dtype",
+    "float32",
+    "--batch-size",
+    "1",
+    "--epochs",
+    "1",
+    "--shard-size",
+    "2",
+]
 
 
 def test_two_process_run_matches_one_process(tmp_path):
@@ -22,14 +36,31 @@ def test_two_process_run_matches_one_process(tmp_path):
     common = ["--model", str(model), "--data", str(data), *ARGS]
     # `accelerate launch --cpu` starts a single process unless MPI is set up; `--multi_gpu` uses torchrun,
     # and sdtp_core.train selects gloo on the CPU when CUDA is absent (or ACCELERATE_USE_CPU is set).
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29517"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two"
-    proc = subprocess.run([*launcher, "-m", "sdtp_core.train", "all", "--out", str(two), *common, "--grad-accum", "1",
-                           "--threads", "1"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*launcher, "-m", "sdtp_core.train", "all", "--out", str(two), *common, "--grad-accum", "1", "--threads", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((two / "train_config.json").read_text())
     assert config["num_processes"] == 2

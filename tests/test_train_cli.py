@@ -26,16 +26,48 @@ SCHEDULE = ["--layers", "1,3,4", "--keep-ratio", "0.7", "--keep-first", "2", "--
 def work(tmp_path_factory) -> dict:
     """A tiny model directory, toy Dolly-style data and its Stage 1 saliency (computed once)."""
     root = tmp_path_factory.mktemp("train")
-    paths = {"model": tiny_model_dir(root / "model"), "data": toy_dolly(root / "data.jsonl", 12),
-             "saliency": root / "stage1" / "saliency", "root": root}
-    assert main(["saliency", "--model", str(paths["model"]), "--data", str(paths["data"]),
-                 "--out", str(root / "stage1"), *SCHEDULE]) == 0
+    paths = {
+        "model": tiny_model_dir(root / "model"),
+        "data": toy_dolly(root / "data.jsonl", 12),
+        "saliency": root / "stage1" / "saliency",
+        "root": root,
+    }
+    assert (
+        main(
+            [
+                "saliency",
+                "--model",
+                str(paths["model"]),
+                "--data",
+                str(paths["data"]),
+                "--out",
+                str(root / "stage1"),
+                *SCHEDULE,
+            ]
+        )
+        == 0
+    )
     return paths
 
 
 def _args(work: dict, out: Path, *extra: str) -> list[str]:
-    return ["prune", "--model", str(work["model"]), "--data", str(work["data"]), "--out", str(out),
-            "--saliency-dir", str(work["saliency"]), *SCHEDULE, "--batch-size", "2", "--grad-accum", "1", *extra]
+    return [
+        "prune",
+        "--model",
+        str(work["model"]),
+        "--data",
+        str(work["data"]),
+        "--out",
+        str(out),
+        "--saliency-dir",
+        str(work["saliency"]),
+        *SCHEDULE,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        *extra,
+    ]
 
 
 def _log(out: Path) -> list[dict]:
@@ -173,9 +205,30 @@ def test_help_explains_every_option(capsys):
         build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--data", "--out", "--max-samples", "--max-length", "--epochs", "--seed", "--resume",
-                 "--lr", "--batch-size", "--grad-accum", "--w-lm", "--w-mse", "--w-rank", "--no-rank", "--no-mse",
-                 "--checkpoint-every", "--dtype", "--layers", "--keep-ratio", "--config", "--format"):
+    for flag in (
+        "--model",
+        "--data",
+        "--out",
+        "--max-samples",
+        "--max-length",
+        "--epochs",
+        "--seed",
+        "--resume",
+        "--lr",
+        "--batch-size",
+        "--grad-accum",
+        "--w-lm",
+        "--w-mse",
+        "--w-rank",
+        "--no-rank",
+        "--no-mse",
+        "--checkpoint-every",
+        "--dtype",
+        "--layers",
+        "--keep-ratio",
+        "--config",
+        "--format",
+    ):
         assert flag in text
     for action in build_parser()._actions:
         assert action.help, action.dest
@@ -187,8 +240,11 @@ def test_sigkill_at_an_arbitrary_point_then_resume_is_bit_identical(work, tmp_pa
     ref = tmp_path / "ref"
     assert main(_args(work, ref, *common)) == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sdtp_core.train", *_args(work, out, *common)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdtp_core.train", *_args(work, out, *common)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = out / "log.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None:

@@ -36,8 +36,12 @@ def test_report_table_and_plot(tmp_path):
 
     result = {"num_samples": 2, "layers": [1, 3], "keep_ratios": [0.9, 0.81]}
     for i, name in enumerate(("pruner", "random", "attention")):
-        result[name] = {"spearman": [0.5 - i / 10, 0.25], "overlap": [0.75, 0.5 + i / 10],
-                        "mean_spearman": 0.375 - i / 20, "mean_overlap": 0.625 + i / 20}
+        result[name] = {
+            "spearman": [0.5 - i / 10, 0.25],
+            "overlap": [0.75, 0.5 + i / 10],
+            "mean_spearman": 0.375 - i / 20,
+            "mean_overlap": 0.625 + i / 20,
+        }
     table = format_table(result)
     assert "| 1 | 1 | 0.900 | 0.500 | 0.750 | 0.400 | 0.750 | 0.300 | 0.750 |" in table
     assert "| mean | | | **0.375** | **0.625** |" in table
