@@ -121,7 +121,10 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
         return TokenPruner.for_model(model, layers=layers, **kwargs)
     pruner = TokenPruner.from_pretrained(spec, dtype=model.dtype).to(model.device)
     if layers is not None and list(layers) != pruner.config.layers:
-        raise ValueError(f"pruner {spec} was trained for layers {pruner.config.layers}, not {list(layers)}")
+        raise ValueError(
+            f"pruner {spec} was trained for layers {pruner.config.layers}, not {list(layers)} "
+            "(train a pruner for those layers, or use pruner=random to measure speed)"
+        )
     if keep_ratio is not None:
         cfg = pruner.config.to_dict()
         cfg["keep_ratios"] = geometric_keep_ratios(len(cfg["layers"]), keep_ratio)

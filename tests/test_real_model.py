@@ -77,3 +77,22 @@ def test_pruner_flops_are_well_under_one_percent(model_and_tokenizer):
     flops = prefill_flops(model.config, scheduled_counts(model.config, 2048, cfg), cfg)
     assert flops.pruner / flops.total < 0.005
     assert sum(p.numel() for p in TokenPruner(cfg).parameters()) < 0.005 * model.num_parameters()
+
+
+def test_shipped_pruner_is_the_default_and_beats_random_scores_on_held_out_text(model_and_tokenizer, data_dir):
+    """The committed pruner loads by default for the embedded model, and on Dolly records it was not
+    trained on (its training used the first 400) it ranks tokens by saliency better than chance."""
+    from sdtp_core.loading import EMBEDDED_PRUNER_DIR
+    from sdtp_core.pruner_eval import evaluate
+    from sdtp_core.train_data import load_examples
+
+    model, tokenizer = model_and_tokenizer
+    pruner = load_pruner(None, model)
+    assert (EMBEDDED_PRUNER_DIR / "model.safetensors").is_file()
+    assert pruner.config.to_dict() == PrunerConfig.for_model(model.config).to_dict()
+    examples = load_examples(
+        str(data_dir / "dolly" / "dolly_subset_1000.jsonl"), tokenizer, "auto", 256, 4, skip=900
+    )
+    result = evaluate(model, pruner, examples)
+    assert result["pruner"]["mean_spearman"] > result["random"]["mean_spearman"] + 0.1
+    assert result["pruner"]["mean_overlap"] > result["random"]["mean_overlap"]
