@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import PrunerConfig, PrunerConfigError
+from .loading import DTYPES, default_dtype
 from .losses import mse_loss_per_sample, rank_loss_per_sample
 from .masked_forward import lm_loss_from_hidden, masked_forward
 from .pruner import TokenPruner
@@ -37,15 +38,6 @@ from .saliency import SaliencyMismatchError, SaliencyStore, run_saliency, summar
 from .train_data import DEFAULT_DATA, FORMATS, Example, TrainDataError, collate, load_examples
 
 STAGES = ("saliency", "prune", "all")
-DTYPES = {
-    "auto": None,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
 
 
 class TrainConfigError(ValueError):
@@ -301,7 +293,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
     from .embedded import resolve_pretrained
 
     path = resolve_pretrained(cfg.model)
-    dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = default_dtype(device.type) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model.requires_grad_(False)
     model.eval().to(device)
