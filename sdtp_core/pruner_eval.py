@@ -122,16 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON result here (default: print it)")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .loading import load_model, load_pruner
 
-    from .embedded import resolve_pretrained
-
-    path = resolve_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pruner = TokenPruner.from_pretrained(args.pruner)
-    pruner.config.check_model(model.config)
+    pruner = load_pruner(args.pruner, model)
     examples = load_examples(args.data, tokenizer, args.format, args.max_length, args.max_samples, skip=args.skip)
     result = evaluate(model, pruner, examples)
     from .bench import machine_info

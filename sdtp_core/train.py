@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import PrunerConfig, PrunerConfigError
-from .loading import DTYPES, default_dtype
+from .loading import DTYPES, load_model
 from .losses import mse_loss_per_sample, rank_loss_per_sample
 from .masked_forward import lm_loss_from_hidden, masked_forward
 from .pruner import TokenPruner
@@ -287,18 +287,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
-    """The frozen model (eval mode, no parameter requires grad), its tokenizer and its resolved path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The frozen model (eval mode, no parameter requires grad), its tokenizer and its resolved path.
 
-    from .embedded import resolve_pretrained
-
-    path = resolve_pretrained(cfg.model)
-    dtype = default_dtype(device.type) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    ``--dtype auto`` is :func:`~.loading.default_dtype` for the device (bf16 only where it is fast)."""
+    model, tokenizer = load_model(cfg.model, None if cfg.dtype == "auto" else cfg.dtype, str(device), "sdpa")
     model.requires_grad_(False)
-    model.eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, path
+    return model, tokenizer, model.name_or_path
 
 
 def pruner_config(cfg: TrainConfig, model_config) -> PrunerConfig:

@@ -227,16 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"run names must be unique, got {names}")
     if args.limit is not None and args.limit.is_integer():
         args.limit = int(args.limit)
-    import torch
-
     from sdtp_core.bench import machine_info
     from sdtp_core.embedded import resolve_pretrained
     from sdtp_core.loading import default_dtype
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     defaults = {
         "pretrained": resolve_pretrained(args.pretrained),
-        "dtype": args.dtype or str(default_dtype(device)).removeprefix("torch."),
+        "dtype": args.dtype or str(default_dtype()).removeprefix("torch."),
     }
     runs_dir = args.runs_dir or Path(tempfile.gettempdir()) / "sdtp_compare" / args.out.name
     report = {

@@ -90,9 +90,7 @@ def test_shipped_pruner_is_the_default_and_beats_random_scores_on_held_out_text(
     pruner = load_pruner(None, model)
     assert (EMBEDDED_PRUNER_DIR / "model.safetensors").is_file()
     assert pruner.config.to_dict() == PrunerConfig.for_model(model.config).to_dict()
-    examples = load_examples(
-        str(data_dir / "dolly" / "dolly_subset_1000.jsonl"), tokenizer, "auto", 256, 4, skip=900
-    )
+    examples = load_examples(str(data_dir / "dolly" / "dolly_subset_1000.jsonl"), tokenizer, "auto", 256, 4, skip=900)
     result = evaluate(model, pruner, examples)
     assert result["pruner"]["mean_spearman"] > result["random"]["mean_spearman"] + 0.1
     assert result["pruner"]["mean_overlap"] > result["random"]["mean_overlap"]
