@@ -12,6 +12,7 @@ appends new tokens at positions ``n, n+1, ...`` and attends to those pruned cach
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,7 @@ class SDTPEngine:
         self.model = model
         self.pruner = pruner
         self.inner = inner
+        self._cache_kwarg = cache_keyword(inner.layers[0])
 
     @property
     def attn_implementation(self) -> str:
@@ -91,8 +93,8 @@ class SDTPEngine:
             hidden,
             attention_mask=mask,
             position_embeddings=rope,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{self._cache_kwarg: cache},
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -130,6 +132,8 @@ class SDTPEngine:
         index, valid = compact(mask.bool())
         ids = input_ids.gather(1, index)
         positions = (mask.long().cumsum(1) - 1).gather(1, index).clamp(min=0)
+        if protect is not None:
+            protect = protect.to(device)
         protected = protected_mask(mask, cfg.keep_first, cfg.keep_recent, protect).gather(1, index) if pruning else None
         stage_at = {layer: s for s, layer in enumerate(cfg.layers)} if pruning else {}
 
@@ -177,6 +181,13 @@ class SDTPEngine:
         for i, layer in enumerate(self.inner.layers):
             hidden = self._run_layer(layer, hidden, masks[cache.segment_of[i]], (cos, sin), cache.kv)
         return self.model.lm_head(self.inner.norm(hidden))[:, -1]
+
+
+def cache_keyword(layer) -> str:
+    """The keyword a decoder layer takes its KV cache by: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (earlier 5.x releases)."""
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _gather(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

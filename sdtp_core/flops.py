@@ -67,13 +67,13 @@ def scheduled_counts(config, n: int, pruner: PrunerConfig | None) -> list[int]:
     """Tokens each layer processes for one prompt of length ``n`` under a schedule (no engine run needed)."""
     import torch
 
-    from .selection import keep_counts
+    from .selection import keep_counts, recent_count
 
     counts, current = [], n
     stage_of = dict(zip(pruner.layers, pruner.keep_ratios)) if pruner else {}
     for layer in range(config.num_hidden_layers):
         if layer in stage_of:
-            protected = min(n, pruner.keep_first + int(keep_counts(torch.tensor([n]), pruner.keep_recent)[0]))
+            protected = min(n, pruner.keep_first + recent_count(n, pruner.keep_recent))
             target = int(keep_counts(torch.tensor([n]), stage_of[layer])[0])
             current = min(current, max(target, protected))
         counts.append(current)

@@ -7,12 +7,18 @@ Sampling and stopping reuse transformers' logits processors and stopping criteri
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import (
+    GenerationConfig,
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     StopStringCriteria,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -20,6 +26,45 @@ from transformers import (
 )
 
 from .engine import PrefillResult, SDTPEngine
+
+#: GenerationConfig fields the pruned decoding loop honours (the rest must be unset, or it refuses).
+SUPPORTED_FIELDS = {
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "eos_token_id",
+    "pad_token_id",
+    "stop_strings",
+}
+#: Fields that do not change which tokens are generated (bookkeeping, outputs, caching).
+NEUTRAL_FIELDS = {
+    "bos_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "cache_implementation",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+    "transformers_version",
+    "_from_model_config",
+    "num_beams",  # refused below unless 1
+    "num_return_sequences",  # refused below unless 1
+    "max_length",  # the loop is bounded by max_new_tokens
+    "remove_invalid_values",
+    "renormalize_logits",
+}
+
+
+class UnsupportedGenerationError(ValueError):
+    """A generation setting the pruned decoding loop cannot honour."""
 
 
 @dataclass
@@ -33,36 +78,103 @@ class GenerationResult:
     total_seconds: float
 
 
+def resolve_generation_config(generation_config: GenerationConfig | None = None, **kwargs) -> GenerationConfig:
+    """A copy of ``generation_config`` (default: an empty one) updated with ``kwargs``.
+
+    Raises :class:`UnsupportedGenerationError` naming every setting the pruned loop cannot honour
+    (beam search, unknown keywords, processors it does not implement), instead of ignoring it.
+    """
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    unknown = config.update(**kwargs)
+    problems = [f"unknown generation argument {k!r}" for k in sorted(unknown)]
+    for key, value in config.to_dict().items():
+        if value is None or key in SUPPORTED_FIELDS or key in NEUTRAL_FIELDS:
+            continue
+        if isinstance(value, (bool, int, float)) and key.startswith(("output_", "return_")):
+            continue
+        problems.append(f"{key}={value!r}")
+    for key in ("num_beams", "num_return_sequences"):
+        if (getattr(config, key, None) or 1) != 1:
+            problems.append(f"{key}={getattr(config, key)!r}")
+    if config.max_new_tokens is None or config.max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+    if config.do_sample and config.temperature is not None and config.temperature <= 0:
+        problems.append(f"temperature must be > 0 when sampling, got {config.temperature}")
+    if problems:
+        raise UnsupportedGenerationError(
+            "the pruned decoding loop cannot honour: "
+            + "; ".join(problems)
+            + f" (supported: {', '.join(sorted(SUPPORTED_FIELDS))}; use prune=false for anything else)"
+        )
+    return config
+
+
+def logits_processors(config: GenerationConfig, prompt_mask: torch.Tensor) -> LogitsProcessorList:
+    """The processors ``model.generate`` would build for ``config``, in its order.
+
+    ``prompt_mask`` (batch, n) marks real prompt tokens; left padding is exempt from the repetition
+    penalty, as in ``generate``.
+    """
+    eos = _eos_list(config.eos_token_id)
+    n = prompt_mask.shape[1]
+    procs = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        pads = (prompt_mask != 0).int().argmax(dim=1)
+        try:
+            procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=pads))
+        except TypeError:  # transformers releases before prompt_ignore_length
+            procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        procs.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.min_new_tokens and eos:
+        procs.append(MinNewTokensLengthLogitsProcessor(n, config.min_new_tokens, eos, device=prompt_mask.device))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            procs.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            procs.append(TopPLogitsWarper(config.top_p))
+        if config.min_p is not None:
+            procs.append(MinPLogitsWarper(config.min_p))
+    return procs
+
+
+def _eos_list(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+
+
 @torch.inference_mode()
 def generate(
     engine: SDTPEngine,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int = 128,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int = 0,
-    stop_strings: list[str] | None = None,
+    generation_config: GenerationConfig | None = None,
     tokenizer=None,
     prune: bool = True,
     protect: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    **kwargs,
 ) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` tokens for each prompt of a batch.
+    """Generate new tokens for each prompt of a batch: pruned prefill, then decoding on the pruned caches.
 
-    A row stops at an EOS token (kept in the output) or when its generated text contains one of
-    ``stop_strings`` (needs ``tokenizer``); the batch stops when every row has stopped.
+    Generation settings come from ``generation_config`` (e.g. ``model.generation_config``) updated with
+    ``kwargs`` (any :class:`~transformers.GenerationConfig` field: ``max_new_tokens``, ``do_sample``,
+    ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``min_new_tokens``,
+    ``no_repeat_ngram_size``, ``eos_token_id``, ``pad_token_id``, ``stop_strings``), applied with
+    the same logits processors as ``model.generate``. Settings it cannot honour (beam search, ...)
+    raise :class:`UnsupportedGenerationError`. ``max_new_tokens`` defaults to 128.
+
+    A row stops at an EOS token (kept in the output) or when its generated text contains one of the
+    stop strings (needs ``tokenizer``); the batch stops when every row has stopped.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if stop_strings and tokenizer is None:
+    kwargs.setdefault("max_new_tokens", (generation_config.max_new_tokens if generation_config else None) or 128)
+    config = resolve_generation_config(generation_config, **kwargs)
+    if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     start = time.perf_counter()
     result = engine.prefill(input_ids, attention_mask, protect=protect, prune=prune, logits_to_keep=1)
     _synchronize(result.logits.device)
@@ -70,29 +182,23 @@ def generate(
     cache, logits = result.cache, result.logits[:, -1]
     batch = logits.shape[0]
     device = logits.device
+    prompt = input_ids.to(device)
+    prompt_mask = torch.ones_like(prompt) if attention_mask is None else attention_mask.to(device)
 
-    warpers = LogitsProcessorList()
-    if do_sample:
-        if temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p is not None and top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
+    processors = logits_processors(config, prompt_mask)
+    stop_strings = [config.stop_strings] if isinstance(config.stop_strings, str) else config.stop_strings
     stop = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
-    eos = torch.tensor(
-        [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-        device=device,
-        dtype=torch.long,
-    )
+    eos = torch.tensor(_eos_list(config.eos_token_id), device=device, dtype=torch.long)
+    pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     positions = result.lengths.clone()
     tokens: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
-        generated = torch.stack(tokens, dim=1) if tokens else torch.empty(batch, 0, dtype=torch.long, device=device)
-        scores = warpers(generated, logits.float())
-        if do_sample:
+    for step in range(config.max_new_tokens):
+        scores = logits.float()
+        if processors:  # they read the whole sequence so far (prompt + generated), as in model.generate
+            scores = processors(torch.cat([prompt, *(t.unsqueeze(1) for t in tokens)], dim=1), scores)
+        if config.do_sample:
             next_token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             next_token = scores.argmax(-1)
@@ -101,7 +207,7 @@ def generate(
         done |= torch.isin(next_token, eos)
         if stop is not None:
             done |= stop(torch.stack(tokens, dim=1), scores)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if bool(done.all()) or step == config.max_new_tokens - 1:
             break
         logits = engine.decode_step(cache, next_token, positions)
         positions = positions + 1

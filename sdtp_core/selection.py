@@ -34,19 +34,25 @@ def keep_counts(lengths: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.tensor(counts, device=lengths.device, dtype=torch.long)
 
 
+def recent_count(n: int, keep_recent: float) -> int:
+    """How many of the last tokens of an ``n``-token prompt are protected: ``ceil(keep_recent * n)``, at least 1."""
+    return min(n, max(1, math.ceil(round(keep_recent * n, 6))))
+
+
 def protected_mask(
     attention_mask: torch.Tensor, keep_first: int, keep_recent: float, extra: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Tokens that no stage may drop, in the input layout (batch, n).
 
-    The first ``keep_first`` real tokens, the last ``ceil(keep_recent * length)`` real tokens, and any
-    position marked in ``extra``.
+    The first ``keep_first`` real tokens, the last ``max(1, ceil(keep_recent * length))`` real tokens
+    (the last prompt token is always kept: generation continues from it), and any position marked in
+    ``extra``.
     """
     valid = attention_mask.bool()
     rank = valid.long().cumsum(1) - 1  # index among the row's real tokens
     lengths = valid.sum(1, keepdim=True)
     recent = torch.tensor(
-        [math.ceil(round(keep_recent * int(n), 6)) for n in lengths.flatten().tolist()], device=valid.device
+        [recent_count(int(n), keep_recent) for n in lengths.flatten().tolist()], device=valid.device
     ).unsqueeze(1)
     protect = valid & ((rank < keep_first) | (rank >= lengths - recent))
     if extra is not None:
@@ -69,6 +75,8 @@ def select(
     Returns:
         ``(index, slot_valid)`` (batch, k_new): indices into the current layout, right-aligned, in
         original order; and which of the new slots are live.
+
+    Ties in score are broken by position (the earlier token wins), so the choice is deterministic.
     """
     live = valid.sum(1)
     n_protected = (protect & valid).sum(1)
@@ -76,7 +84,8 @@ def select(
     k_new = int(keep.max().item())
     key = torch.nan_to_num(scores.float(), nan=0.0)
     key = key.masked_fill(protect & valid, float("inf")).masked_fill(~valid, float("-inf"))
-    top = key.topk(k_new, dim=1, sorted=True).indices
+    # A stable descending sort (not topk, whose tie order is unspecified): equal scores keep slot order.
+    top = key.sort(dim=1, descending=True, stable=True).indices[:, :k_new]
     chosen = torch.arange(k_new, device=scores.device).unsqueeze(0) < keep.unsqueeze(1)
     # Right-align: unchosen slots first, chosen ones in original order.
     order_key = torch.where(chosen, top, torch.full_like(top, -1))

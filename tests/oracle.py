@@ -32,7 +32,7 @@ def mask_simulated_forward(model, pruner, ids: list[int], n_prompt: int | None =
     hidden = inner.embed_tokens(input_ids)
     rope = inner.rotary_emb(hidden, torch.arange(n).unsqueeze(0))
     alive = [True] * n
-    recent = math.ceil(round(cfg.keep_recent * n_prompt, 6))
+    recent = max(1, math.ceil(round(cfg.keep_recent * n_prompt, 6)))  # the last prompt token is always kept
     protected = {i for i in range(n_prompt) if i < cfg.keep_first or i >= n_prompt - recent} | set(extra_protect)
     stage_at = dict(zip(cfg.layers, range(cfg.num_stages)))
     for i, layer in enumerate(inner.layers):
