@@ -10,7 +10,8 @@ from conftest import tiny_model, tiny_pruner
 from oracle import mask_simulated_forward
 
 from sdtp_core.engine import PromptError, SDTPEngine
-from sdtp_core.generate import generate
+from sdtp_core.flops import scheduled_counts
+from sdtp_core.generate import UnsupportedGenerationError, generate
 
 
 @pytest.fixture(autouse=True)
@@ -102,15 +103,96 @@ def test_cache_lengths_equal_kept_counts_and_grow_by_decoded_tokens():
 
 
 def test_decoding_attends_to_pruned_caches(arch):
-    """Logits of decoded tokens equal the mask simulation in which they see only the kept prompt tokens."""
+    """Logits of decoded tokens equal the mask simulation in which they see only the kept prompt tokens,
+    and differ from decoding against the full prompt (so the comparison can tell the two apart)."""
     model = tiny_model(arch)
     pruner = tiny_pruner(model)
     ids = prompt(50, 7)
-    res = generate(SDTPEngine(model, pruner), ids, max_new_tokens=6)
-    full = ids[0].tolist() + res.sequences[0].tolist()
+    engine = SDTPEngine(model, pruner)
+    res = engine.prefill(ids)
+    tokens, logits = [int(res.logits[0, -1].argmax())], [res.logits[0, -1]]
+    for step in range(5):
+        logits.append(engine.decode_step(res.cache, torch.tensor([tokens[-1]]), torch.tensor([50 + step]))[0])
+        tokens.append(int(logits[-1].argmax()))
+    full = ids[0].tolist() + tokens
     ref_logits, _ = mask_simulated_forward(model, pruner, full, n_prompt=50)
-    # greedy: each generated token is the argmax of the oracle's logits at the previous position
-    assert ref_logits[49:55].argmax(-1).tolist() == res.sequences[0].tolist()
+    torch.testing.assert_close(torch.stack(logits), ref_logits[49:55], rtol=1e-5, atol=1e-5)
+    dense_logits = model(torch.tensor([full])).logits[0, 49:55]
+    assert (torch.stack(logits) - dense_logits).abs().max() > 1e-3  # the pruned caches really changed them
+
+
+def test_last_prompt_token_is_kept_even_with_keep_recent_zero(monkeypatch):
+    model = tiny_model()
+    pruner = tiny_pruner(model, keep_first=0, keep_recent=0.0)
+    n = 30
+    # the last token gets the lowest score at every stage
+    monkeypatch.setattr(
+        pruner, "score", lambda s, h: -torch.arange(h.shape[1], dtype=torch.float32).expand(h.shape[0], -1)
+    )
+    out = SDTPEngine(model, pruner).prefill(prompt(n))
+    kept = out.positions[0][out.positions[0] >= 0].tolist()
+    assert kept[-1] == n - 1
+    assert kept[:-1] == list(range(len(kept) - 1))  # the rest: the best-scored, i.e. the earliest
+
+
+@pytest.mark.parametrize("keep_first,keep_recent", [(4, 0.1), (0, 0.0), (2, 0.0), (4, 0.5)])
+@pytest.mark.parametrize("n", [1, 3, 7, 40, 101])
+def test_scheduled_counts_agree_with_the_engine(keep_first, keep_recent, n):
+    model = tiny_model()
+    pruner = tiny_pruner(model, keep_first=keep_first, keep_recent=keep_recent)
+    out = SDTPEngine(model, pruner).prefill(prompt(n, seed=n))
+    assert out.kept_counts[0].tolist() == scheduled_counts(model.config, n, pruner.config)
+
+
+def test_ties_are_broken_by_position_like_the_oracle(monkeypatch):
+    model = tiny_model()
+    pruner = tiny_pruner(model)
+    n = 40
+    ids = prompt(n, 3)
+    # every token scores the same: the earliest unprotected tokens must win, in engine and oracle alike
+    monkeypatch.setattr(pruner, "score", lambda s, h: torch.zeros(h.shape[:2], dtype=h.dtype))
+    out = SDTPEngine(model, pruner).prefill(ids, logits_to_keep=0)
+    _, alive = mask_simulated_forward(model, pruner, ids[0].tolist())
+    kept = out.positions[0][out.positions[0] >= 0].tolist()
+    assert kept == torch.nonzero(alive).flatten().tolist()
+    recent = math.ceil(0.1 * n)
+    assert kept == list(range(16 - recent)) + list(range(n - recent, n))  # ceil(0.4 * 40) = 16 kept
+
+
+def test_decoder_layers_get_the_current_cache_keyword():
+    """No deprecated-keyword FutureWarning from transformers on any layer call."""
+    import warnings
+
+    model = tiny_model()
+    engine = SDTPEngine(model, tiny_pruner(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        generate(engine, prompt(20), max_new_tokens=3)
+
+
+def test_generation_settings_match_model_generate():
+    """Repetition penalty, no-repeat n-grams and min_new_tokens as model.generate applies them (float32)."""
+    model = tiny_model().float()
+    ids, mask = left_pad([prompt(25, 4), prompt(14, 5)])
+    free = generate(SDTPEngine(model, None), ids, mask, max_new_tokens=10).sequences
+    settings = dict(repetition_penalty=1.8, no_repeat_ngram_size=2, min_new_tokens=6, eos_token_id=int(free[0, 2]))
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, **settings)
+    ref = ref[:, ids.shape[1] :]
+    for pruner in (None, tiny_pruner(model, ratios=(1.0, 1.0, 1.0))):
+        out = generate(SDTPEngine(model, pruner), ids, mask, max_new_tokens=10, pad_token_id=0, **settings)
+        assert torch.equal(out.sequences, ref[:, : out.sequences.shape[1]])
+    assert not torch.equal(free, ref)  # the settings changed the output, so the comparison means something
+
+
+def test_generation_settings_it_cannot_honour_are_refused():
+    model = tiny_model()
+    engine = SDTPEngine(model, tiny_pruner(model))
+    with pytest.raises(UnsupportedGenerationError, match="num_beams=2"):
+        generate(engine, prompt(10), max_new_tokens=3, num_beams=2)
+    with pytest.raises(UnsupportedGenerationError, match="typical_p"):
+        generate(engine, prompt(10), max_new_tokens=3, do_sample=True, typical_p=0.5)
+    with pytest.raises(UnsupportedGenerationError, match="unknown generation argument 'bogus'"):
+        generate(engine, prompt(10), max_new_tokens=3, bogus=1)
 
 
 def test_protected_tokens_are_never_dropped():
