@@ -1,0 +1,10 @@
+"""Peer methods as real library calls: NVIDIA kvpress presses and LLMLingua prompt compression.
+
+* :mod:`sdtp_eval.peers.kvpress_presses` — build a named kvpress press at a compression ratio, run
+  prefill + greedy decoding with it (alone, or after SDTP's pruned prefill: SDTP ∘ press).
+* :mod:`sdtp_eval.peers.llmlingua_compressor` — LLMLingua (v1 ``PromptCompressor``) with a local
+  small LM (default: the embedded Qwen2.5 model), offline.
+
+Neither library is a dependency of ``sdtp``: kvpress 0.5.5 pins ``transformers<5.3``, so they are
+meant for a separate environment (see docs/peers.md). Importing this package imports neither.
+"""

