@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .embedded import converted_dir, resolve_pretrained
+from . import fingerprint
+from .embedded import resolve_pretrained
 from .pruner import TokenPruner
+from .scorers import TRAINING_FREE, training_free
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -22,6 +24,7 @@ DTYPES = {
     "auto": "auto",
 }
 RANDOM_PRUNER = "random"
+SHIPPED_PRUNER = "shipped"
 #: Pruners shipped inside the package.
 SHIPPED_PRUNERS_DIR = Path(__file__).resolve().parent / "pruners"
 EMBEDDED_PRUNER_DIR = SHIPPED_PRUNERS_DIR / "qwen2.5-coder-0.5b-instruct"
@@ -87,23 +90,31 @@ def load_model(
     return model, tokenizer
 
 
+def shipped_pruners() -> list[Path]:
+    """Directories of the pruners shipped inside the package."""
+    if not SHIPPED_PRUNERS_DIR.is_dir():
+        return []
+    return sorted(p for p in SHIPPED_PRUNERS_DIR.iterdir() if (p / "config.json").is_file())
+
+
 def shipped_pruner_dir(model) -> Path | None:
-    """The pruner shipped for this model, if there is one (today: only for the embedded model)."""
-    path = Path(str(getattr(model.config, "_name_or_path", "") or ""))
-    if (
-        path.exists()
-        and path.resolve() == converted_dir().resolve()
-        and (EMBEDDED_PRUNER_DIR / "config.json").is_file()
-    ):
-        return EMBEDDED_PRUNER_DIR
+    """The shipped pruner trained for this model, recognised by architecture and a weight fingerprint
+    (so the same weights from any directory, or the Hub checkpoint they were quantized from, match)."""
+    for directory in shipped_pruners():
+        reference = fingerprint.load(directory)
+        if reference is not None and fingerprint.matches(model, reference):
+            return directory
     return None
 
 
 def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_ratio: float | None = None):
-    """Resolve a pruner for ``model``.
+    """Resolve a pruner for ``model``; the returned module's ``source`` says where it came from.
 
-    ``spec`` is a pruner directory, ``"random"`` (untrained scorers, seeded: fine for speed, not for
-    accuracy), or ``None`` (the pruner shipped for this model if any, else ``"random"`` with a warning).
+    ``spec`` is a pruner directory; ``"shipped"`` (the pruner shipped for this model: an error if none
+    fits its architecture, a warning if its weights differ from the model it was trained on);
+    ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
+    ``"attention"`` or ``"norm"`` (training-free scorers, :mod:`sdtp_core.scorers`); or ``None`` (the
+    shipped pruner if this model is recognised, else ``"random"``).
     ``layers`` / ``keep_ratio`` override the schedule; with a trained pruner only a keep ratio change
     is allowed (its scorers are tied to their layers).
     """
@@ -112,13 +123,26 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     if spec is None:
         shipped = shipped_pruner_dir(model)
         if shipped is None:
-            logger.warning("No trained pruner ships for this model: using an untrained (random) pruner.")
+            logger.warning(
+                "No trained pruner ships for this model (%s): using an UNTRAINED (random) pruner. Its scores "
+                "measure speed, not SDTP's accuracy; train one with `python -m sdtp_core.train`.",
+                getattr(model.config, "_name_or_path", "?"),
+            )
             spec = RANDOM_PRUNER
         else:
+            logger.info("sdtp: model recognised; using the shipped pruner %s", shipped.name)
             spec = str(shipped)
+    elif spec == SHIPPED_PRUNER:
+        spec = str(_shipped_for_shape(model))
+    kwargs = {} if keep_ratio is None else {"r": keep_ratio}
     if spec == RANDOM_PRUNER:
-        kwargs = {} if keep_ratio is None else {"r": keep_ratio}
-        return TokenPruner.for_model(model, layers=layers, **kwargs)
+        pruner = TokenPruner.for_model(model, layers=layers, **kwargs)
+        pruner.source = RANDOM_PRUNER
+        return pruner
+    if spec in TRAINING_FREE:
+        scorer = training_free(spec, PrunerConfig.for_model(model.config, layers=layers, **kwargs))
+        scorer.source = spec
+        return scorer
     pruner = TokenPruner.from_pretrained(spec, dtype=model.dtype).to(model.device)
     if layers is not None and list(layers) != pruner.config.layers:
         raise ValueError(
@@ -130,4 +154,23 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
         cfg["keep_ratios"] = geometric_keep_ratios(len(cfg["layers"]), keep_ratio)
         pruner.config = PrunerConfig(**cfg)
     pruner.config.check_model(model.config)
+    pruner.source = str(spec)
     return pruner
+
+
+def _shipped_for_shape(model) -> Path:
+    """``pruner=shipped``: the shipped pruner whose architecture fits ``model``."""
+    for directory in shipped_pruners():
+        reference = fingerprint.load(directory)
+        if reference is not None and fingerprint.same_architecture(model, reference):
+            similarity = fingerprint.weight_similarity(model, reference)
+            if similarity < fingerprint.MIN_COSINE:
+                logger.warning(
+                    "pruner=shipped: %s was trained on another model with this architecture (weight similarity "
+                    "%.2f); its scores may not transfer.",
+                    directory.name,
+                    similarity,
+                )
+            return directory
+    names = ", ".join(p.name for p in shipped_pruners()) or "none"
+    raise ValueError(f"pruner=shipped: no shipped pruner fits this model's architecture (shipped: {names})")

@@ -20,6 +20,7 @@ Qwen2.5-Coder-0.5B-Instruct is used.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -31,7 +32,7 @@ from lm_eval.models.huggingface import HFLM
 from sdtp_core.embedded import resolve_pretrained
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.generate import generate
-from sdtp_core.loading import default_dtype, load_pruner
+from sdtp_core.loading import RANDOM_PRUNER, default_dtype, load_pruner
 
 from .longbench.spec import is_longbench_task, uses_chat_template
 
@@ -173,14 +174,18 @@ class SDTPLM(HFLM):
         )
         if cpu_world > 1 and self.world_size == 1:
             self._join_cpu_data_parallel()
-        # With prune=false no pruner is needed (or loaded): every call goes to HFLM's dense path.
+        # With prune=false neither a pruner nor the engine is built: every call goes to HFLM's dense path.
         self.pruner_module = load_pruner(pruner, self.model, layers, keep_ratio) if self.prune else None
-        self.pruner_spec = (pruner or "default") if self.prune else None
-        self.engine = SDTPEngine(self.model, self.pruner_module)
+        self.pruner_spec = getattr(self.pruner_module, "source", None) if self.prune else None
+        self.engine = SDTPEngine(self.model, self.pruner_module) if self.prune else None
         self.stats = PruningStats(self.pruner_module.config.layers if self.pruner_module else [])
-        self._scoring: dict[tuple[int, ...], tuple[int, str]] = {}
-        self._task_of_context: dict[str, str] = {}
-        self._batch_tasks: list[str] = []
+        #: per-request pruning records, (task, doc_id) -> [(request idx, record)], for --log_samples
+        self.sample_records: dict[tuple[str, int], list[tuple[int, dict]]] = defaultdict(list)
+        self._scoring: dict[tuple[int, ...], tuple[int, list]] = {}
+        self._request_keys: dict[tuple, list[tuple[str, int, int]]] = {}
+        self._gen_requests: dict[str, list[tuple[str, int, int]]] = {}
+        self._batch_keys: list[list[tuple[str, int, int]]] = []
+        self._probing = False
         self._said_rolling = False
         self._chat_marker = self._user_turn_prefix()
 
@@ -201,11 +206,11 @@ class SDTPLM(HFLM):
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        self._request_tasks = {req.args: req.task_name or "unknown" for req in requests}
+        self._request_keys = _keys_by(requests, lambda req: req.args)
         try:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         finally:
-            self._request_tasks = {}
+            self._request_keys = {}
             self._gather_stats()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -219,20 +224,28 @@ class SDTPLM(HFLM):
             self._rolling = False
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        # Remember, for every model input lm-eval will build, how many continuation logits it reads.
-        tasks = getattr(self, "_request_tasks", {})
+        # Remember, for every model input lm-eval will build, how many continuation logits it reads
+        # and which requests it answers.
         self._scoring = {}
         for key, context_enc, continuation_enc in requests:
             inp = tuple((context_enc + continuation_enc)[-(self.max_length + 1) :][:-1])
-            contlen = max(len(continuation_enc), self._scoring.get(inp, (0, ""))[0])
-            self._scoring[inp] = (contlen, tasks.get(key, "unknown"))
+            contlen, keys = self._scoring.get(inp, (0, []))
+            self._scoring[inp] = (max(contlen, len(continuation_enc)), keys + self._request_keys.get(key, []))
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
             self._scoring = {}
 
-    def _lookup(self, row: torch.Tensor) -> tuple[int, int, str]:
-        """(input length, continuation length, task) of a right-padded row lm-eval built."""
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        # HFLM probes batch sizes with made-up inputs: run them dense (a pruned batch needs less memory).
+        self._probing = True
+        try:
+            return super()._detect_batch_size(requests, pos)
+        finally:
+            self._probing = False
+
+    def _lookup(self, row: torch.Tensor) -> tuple[int, int, list]:
+        """(input length, continuation length, request keys) of a right-padded row lm-eval built."""
         tokens = row.tolist()
         nonzero = [i for i, t in enumerate(tokens) if t != 0]
         start = nonzero[-1] + 1 if nonzero else 1
@@ -243,7 +256,7 @@ class SDTPLM(HFLM):
         raise RuntimeError("sdtp: could not match a model input to its loglikelihood request")
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        if not self.prune or getattr(self, "_rolling", False) or not self._scoring:
+        if not self.prune or self._probing or getattr(self, "_rolling", False) or not self._scoring:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         batch, width = inps.shape
         found = [self._lookup(row) for row in inps]
@@ -256,11 +269,23 @@ class SDTPLM(HFLM):
         result = self.engine.prefill(inps, mask, protect=protect, logits_to_keep=keep, use_cache=False)
         logits = torch.zeros(batch, width, result.logits.shape[-1], dtype=result.logits.dtype, device=inps.device)
         positions = result.positions[:, -keep:]
-        for b, (_, contlen, task) in enumerate(found):
+        for b, (_, contlen, keys) in enumerate(found):
             pos = positions[b, -contlen:]
             logits[b, pos] = result.logits[b, -contlen:]
-            self.stats.add(task, result, [b])
+            self._record(keys, result, b)
         return logits
+
+    def _record(self, keys: list[tuple[str, int, int]], result, b: int, seconds=None) -> None:
+        """Add row ``b`` of a prefill to the per-task report and to each request's sample record."""
+        task = keys[0][0] if keys else "unknown"
+        self.stats.add(task, result, [b], seconds=seconds)
+        record = {
+            "prompt_tokens": int(result.lengths[b]),
+            "kept_per_stage": [int(result.kept_counts[b, layer]) for layer in self.stats.stage_layers],
+            "compression": round(float(result.compression[b]), 4),
+        }
+        for task, doc_id, idx in dict.fromkeys(keys):
+            self.sample_records[(task, doc_id)].append((idx, record))
 
     # ------------------------------------------------------------------ generation
     def _user_turn_prefix(self) -> str | None:
@@ -274,38 +299,41 @@ class SDTPLM(HFLM):
         prefix = text.split("\x00")[0]
         return prefix.splitlines()[-1] if prefix.strip() else None
 
-    def _prepare_context(self, context: str, task: str, max_gen_toks: int) -> str:
-        """Official LongBench order for this package's LongBench tasks: truncate, then chat template."""
+    def _prepare_context(self, context: str, task: str, budget: int) -> str:
+        """Official LongBench order for this package's LongBench tasks: truncate to ``budget`` tokens,
+        then apply the chat template where the official task uses one. Never modifies a request."""
         if not is_longbench_task(task):
             return context
+        if self._chat_marker is not None and self._chat_marker in context:
+            raise ValueError(
+                f"{task}: the prompt is already chat-templated (--apply_chat_template?). This package's LongBench "
+                "tasks apply the official per-task rule themselves (a chat template for most tasks, none for "
+                "trec, triviaqa, samsum, lsht, lcc and repobench-p): run them without --apply_chat_template."
+            )
         if self.truncation_mode == "middle":
             tokens = self.tokenizer.encode(context, add_special_tokens=False)
-            budget = self.max_length - max_gen_toks
             if len(tokens) > budget:
                 context = self.tokenizer.decode(middle_truncate(tokens, budget), skip_special_tokens=True)
-        already = self._chat_marker is not None and self._chat_marker in context
-        if uses_chat_template(task) and not already and self._chat_marker is not None:
+        if uses_chat_template(task) and self._chat_marker is not None:
             context = self.apply_chat_template([{"role": "user", "content": context}])
         return context
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        self._task_of_context = {}
-        for req in requests:
-            context, gen_kwargs = req.args
-            task = req.task_name or "unknown"
-            max_gen = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            new_context = self._prepare_context(context, task, max_gen)
-            if new_context != context:
-                req.arguments = (new_context, gen_kwargs)
-            self._task_of_context[new_context] = task
+        self._gen_requests = _keys_by(requests, lambda req: req.args[0])
         try:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         finally:
-            self._task_of_context = {}
+            self._gen_requests = {}
             self._gather_stats()
 
     def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
-        self._batch_tasks = [self._task_of_context.get(s, "unknown") for s in strings]
+        if self._gen_requests:  # generation contexts: LongBench preparation happens here, on a copy
+            self._batch_keys = [self._gen_requests.get(s, []) for s in strings]
+            budget = left_truncate_len or self.max_length
+            strings = [
+                self._prepare_context(s, keys[0][0] if keys else "unknown", budget)
+                for s, keys in zip(strings, self._batch_keys)
+            ]
         if self.truncation_mode != "middle" or not left_truncate_len:
             return super().tok_batch_encode(strings, padding_side, left_truncate_len, truncation)
         encoded = [middle_truncate(self.tok_encode(s), left_truncate_len) for s in strings]
@@ -319,33 +347,31 @@ class SDTPLM(HFLM):
             mask[b, sl] = 1
         return ids, mask
 
-    def _model_generate(self, context, max_length, stop, attention_mask=None, **generation_kwargs):
-        do_sample = bool(generation_kwargs.get("do_sample", False))
-        temperature = float(generation_kwargs.get("temperature", 1.0) or 0.0)
-        if temperature == 0.0:
-            do_sample = False
-        eos = self.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if not self.prune:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        # lm-eval's greedy convention, as HFLM._model_generate applies it before model.generate.
+        kwargs = dict(generation_kwargs)
+        attention_mask = kwargs.pop("attention_mask", None)
+        temperature = kwargs.setdefault("temperature", 0.0)
+        if temperature == 0.0 and kwargs.get("do_sample") is None:
+            kwargs["do_sample"] = False
+        if kwargs.get("do_sample") is False and temperature == 0.0:
+            kwargs.pop("temperature")
         out = generate(
             self.engine,
             context,
             attention_mask,
-            max_new_tokens=max(1, max_length - context.shape[1]),
-            do_sample=do_sample,
-            temperature=temperature if do_sample else 1.0,
-            top_k=generation_kwargs.get("top_k"),
-            top_p=generation_kwargs.get("top_p"),
-            eos_token_id=eos,
-            pad_token_id=self.tokenizer.pad_token_id or 0,
-            stop_strings=list(stop) if stop else None,
+            generation_config=self.model.generation_config,  # as model.generate: the model's defaults first
             tokenizer=self.tokenizer,
-            prune=self.prune,
+            max_new_tokens=max(1, max_length - context.shape[1]),
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=list(stop) if stop else None,
+            **kwargs,
         )
-        tasks = self._batch_tasks if len(self._batch_tasks) == context.shape[0] else ["unknown"] * context.shape[0]
-        for b, task in enumerate(tasks):
-            self.stats.add(task, out.prefill, [b], seconds=(out.prefill_seconds, out.total_seconds))
+        keys = self._batch_keys if len(self._batch_keys) == context.shape[0] else [[]] * context.shape[0]
+        for b, row_keys in enumerate(keys):
+            self._record(row_keys, out.prefill, b, seconds=(out.prefill_seconds, out.total_seconds))
         return torch.cat([context, out.sequences.to(context.device)], dim=1)
 
     # ------------------------------------------------------------------ reporting
@@ -353,18 +379,33 @@ class SDTPLM(HFLM):
         """Bring every rank's statistics to rank 0 (collective: every rank calls it)."""
         if self.world_size <= 1:
             return
-        gathered = self.gather_object(dict(self.stats.sums), dst=0)
+        gathered = self.gather_object((dict(self.stats.sums), dict(self.sample_records)), dst=0)
+        merged, records = PruningStats(self.stats.stage_layers), defaultdict(list)
         if self.rank == 0:
-            merged = PruningStats(self.stats.stage_layers)
-            for part in gathered:
-                merged.merge(part)
-            self.stats = merged
-        else:
-            self.stats = PruningStats(self.stats.stage_layers)
+            for sums, recs in gathered:
+                merged.merge(sums)
+                for key, value in recs.items():
+                    records[key].extend(value)
+        self.stats, self.sample_records = merged, records
+
+    def annotate_samples(self, samples: dict[str, list[dict]]) -> None:
+        """Add ``sdtp`` (one record per request of the sample: prompt tokens, tokens kept after each stage,
+        1/τ) to every logged sample whose requests this model ran (cached requests were not run)."""
+        for task, rows in samples.items():
+            for sample in rows:
+                found = self.sample_records.get((task, sample.get("doc_id")))
+                if found:
+                    # one record per request, in request order; duplicates (data-parallel padding) dropped
+                    sample["sdtp"] = [record for _, record in sorted(dict(found).items())]
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         summary = self.stats.summary()
+        if self.pruner_spec == RANDOM_PRUNER and summary:
+            logger.warning(
+                "sdtp: these scores used an UNTRAINED (random) pruner: they measure random token dropping, "
+                "not SDTP. Pass pruner=DIR (a trained pruner) or pruner=shipped."
+            )
         info["sdtp"] = {
             "prune": self.prune,
             "pruner": self.pruner_spec,
@@ -380,3 +421,37 @@ class SDTPLM(HFLM):
             )
             logger.info("sdtp pruning (prune=%s): %s", self.prune, parts)
         return info
+
+
+def _keys_by(requests, key) -> dict:
+    """Map ``key(request)`` to the (task, doc_id, idx) of every request that has it."""
+    keys: dict = defaultdict(list)
+    for req in requests:
+        keys[key(req)].append((req.task_name or "unknown", req.doc_id, req.idx))
+    return dict(keys)
+
+
+def _annotating(evaluate):
+    """Wrap lm-eval's ``evaluate`` so logged samples of an ``sdtp`` run carry their pruning records."""
+
+    @functools.wraps(evaluate)
+    def wrapper(*args, **kwargs):
+        results = evaluate(*args, **kwargs)
+        lm = kwargs.get("lm", args[0] if args else None)
+        lm = getattr(lm, "lm", lm)  # CachingLM (--use_cache) wraps the model
+        if isinstance(lm, SDTPLM) and isinstance(results, dict) and results.get("samples"):
+            lm.annotate_samples(results["samples"])
+        return results
+
+    wrapper._sdtp_annotating = True
+    return wrapper
+
+
+def _install_sample_annotation() -> None:
+    import lm_eval.evaluator as evaluator
+
+    if not getattr(evaluator.evaluate, "_sdtp_annotating", False):
+        evaluator.evaluate = _annotating(evaluator.evaluate)
+
+
+_install_sample_annotation()

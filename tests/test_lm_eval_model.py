@@ -44,6 +44,24 @@ def loglik(rows: list[dict]) -> list[float]:
     return [float(r[0][0]) for row in sorted(rows, key=lambda r: r["doc_id"]) for r in row["resps"]]
 
 
+def run_lm_eval_raw(args: list[str], cache: Path, extra_env: dict | None = None, launcher: list[str] | None = None):
+    env = {**offline_env(cache), **(extra_env or {})}
+    proc = subprocess.run([*(launcher or [LM_EVAL]), *args], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def results_json(out: Path) -> dict:
+    return json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())
+
+
+def resps(out: Path, task: str) -> list:
+    return [row["resps"] for row in sorted(samples(out, task), key=lambda r: r["doc_id"])]
+
+
+GEN_TASK = "longbench_trec_e"  # official rule: no chat template, so hf and sdtp see the same prompt
+
+
 def test_middle_truncation_keeps_exactly_the_first_and_last_halves():
     tokens = list(range(10))
     assert middle_truncate(tokens, 6) == [0, 1, 2, 7, 8, 9]
@@ -76,15 +94,17 @@ def test_registration_keeps_lm_evals_builtins_and_adds_sdtp():
 
 @pytest.mark.shared_data
 def test_prune_false_equals_hf_and_pruning_reports_compression(tiny_hf_dir, hf_datasets_cache, tmp_path):
-    """Through the real lm_eval console script: hf vs sdtp(prune=false) vs sdtp(keep_ratio=1) vs pruned."""
+    """Through the real lm_eval console script: hf vs sdtp(prune=false) vs sdtp(keep_ratio=1) vs pruned;
+    generation too (a LongBench task whose official prompt has no chat template, so both see the same text)."""
     common = ["--tasks", "copa", "--limit", "12", "--batch_size", "4"]
+    generation = ["--tasks", f"copa,{GEN_TASK}", "--limit", "12", "--batch_size", "4", "--gen_kwargs", "max_gen_toks=6"]
     hf = run_lm_eval(
-        ["--model", "hf", "--model_args", f"pretrained={tiny_hf_dir},dtype=float32", *common],
+        ["--model", "hf", "--model_args", f"pretrained={tiny_hf_dir},dtype=float32", *generation],
         hf_datasets_cache,
         tmp_path / "hf",
     )
     dense = run_lm_eval(
-        ["--model", "sdtp", "--model_args", f"pretrained={tiny_hf_dir},prune=false", *common],
+        ["--model", "sdtp", "--model_args", f"pretrained={tiny_hf_dir},prune=false,dtype=float32", *generation],
         hf_datasets_cache,
         tmp_path / "dense",
     )
@@ -93,7 +113,7 @@ def test_prune_false_equals_hf_and_pruning_reports_compression(tiny_hf_dir, hf_d
             "--model",
             "sdtp",
             "--model_args",
-            f"pretrained={tiny_hf_dir},pruner=random,keep_ratio=1.0,layers=1:3",
+            f"pretrained={tiny_hf_dir},pruner=random,keep_ratio=1.0,layers=1:3,dtype=float32",
             *common,
         ],
         hf_datasets_cache,
@@ -104,7 +124,7 @@ def test_prune_false_equals_hf_and_pruning_reports_compression(tiny_hf_dir, hf_d
             "--model",
             "sdtp",
             "--model_args",
-            f"pretrained={tiny_hf_dir},pruner=random,keep_ratio=0.7,layers=1:3",
+            f"pretrained={tiny_hf_dir},pruner=random,keep_ratio=0.7,layers=1:3,dtype=float32",
             *common,
         ],
         hf_datasets_cache,
@@ -112,6 +132,7 @@ def test_prune_false_equals_hf_and_pruning_reports_compression(tiny_hf_dir, hf_d
     )
     ref = loglik(samples(tmp_path / "hf", "copa"))
     assert loglik(samples(tmp_path / "dense", "copa")) == ref  # identical, not just close
+    assert resps(tmp_path / "dense", GEN_TASK) == resps(tmp_path / "hf", GEN_TASK)
     assert loglik(samples(tmp_path / "ratio1", "copa")) == pytest.approx(ref, abs=1e-4)
     pruned_ll = loglik(samples(tmp_path / "pruned", "copa"))
     assert pruned_ll != pytest.approx(ref, abs=1e-4)  # pruning changed the scores...
@@ -136,7 +157,7 @@ def test_generate_until_runs_pruned_with_middle_truncation(tiny_hf_dir, hf_datas
             "--model",
             "sdtp",
             "--model_args",
-            f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,truncation=middle,max_length=768",
+            f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,truncation=middle,max_length=768,dtype=float32",
             "--tasks",
             "longbench_multi_news",
             "--limit",
@@ -163,44 +184,147 @@ def test_embedded_model_copa_end_to_end_offline(hf_datasets_cache, tmp_path):
     assert data["config"]["sdtp"]["per_task"]["copa"]["requests"] == 40
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 @pytest.mark.shared_data
-def test_data_parallel_gives_the_same_scores(tiny_hf_dir, hf_datasets_cache, tmp_path):
+def test_batch_size_auto_use_cache_and_logged_pruning_records(tiny_hf_dir, hf_datasets_cache, tmp_path):
+    """--batch_size auto (HFLM's probe) and --use_cache on loglikelihood and generation tasks; every logged
+    sample carries its per-request pruning record; no task-override warnings."""
     args = [
         "--model",
         "sdtp",
         "--model_args",
-        f"pretrained={tiny_hf_dir},pruner=random,layers=1:3",
+        f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,dtype=float32",
         "--tasks",
-        "copa",
+        f"copa,{GEN_TASK}",
         "--limit",
-        "16",
+        "3",
+        "--gen_kwargs",
+        "max_gen_toks=6",
+        "--batch_size",
+        "auto",
+        "--max_batch_size",  # the probe's start: 64 rows x 512 tokens x 151k-token logits exhaust a CPU's RAM
+        "4",
+        "--use_cache",
+        str(tmp_path / "cache" / "db"),
+        "--log_samples",
+    ]
+    first = run_lm_eval_raw([*args, "--output_path", str(tmp_path / "one")], hf_datasets_cache)
+    assert "overrides existing task" not in first.stderr
+    for task, n_requests in (("copa", 2), (GEN_TASK, 1)):
+        rows = samples(tmp_path / "one", task)
+        assert len(rows) == 3
+        for row in rows:
+            assert len(row["sdtp"]) == n_requests
+            for record in row["sdtp"]:
+                # copa's ~10-token prompts are all protected (first 4 + last 10%): nothing to prune there
+                assert len(record["kept_per_stage"]) == 2 and record["compression"] >= 1.0
+                assert record["compression"] > 1.0 or task == "copa"
+                assert record["prompt_tokens"] >= record["kept_per_stage"][0] >= record["kept_per_stage"][1]
+    second = run_lm_eval_raw([*args, "--output_path", str(tmp_path / "two")], hf_datasets_cache)
+    assert second.stderr.count("Requests remaining: 0") == 2, second.stderr[-3000:]  # both request types hit
+    for task in ("copa", GEN_TASK):
+        assert resps(tmp_path / "two", task) == resps(tmp_path / "one", task)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+@pytest.mark.shared_data
+def test_data_parallel_gives_the_same_results(tiny_hf_dir, hf_datasets_cache, tmp_path):
+    """Two CPU processes vs one, on a loglikelihood and a generation task, with an odd number of documents
+    (lm-eval pads the shorter rank by repeating a request: it must not be prepared twice)."""
+    args = [
+        "--model",
+        "sdtp",
+        "--model_args",
+        f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,dtype=float32,truncation=middle",
+        "--tasks",
+        f"copa,{GEN_TASK}",
+        "--limit",
+        "5",
+        "--gen_kwargs",
+        "max_gen_toks=6",
+        "--log_samples",
         "--output_path",
     ]
-    env = offline_env(hf_datasets_cache)
-    one = subprocess.run([LM_EVAL, *args, str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [
-            shutil.which("accelerate"),
-            "launch",
-            "--multi_gpu",  # with ACCELERATE_USE_CPU; on accelerate 1.x "--cpu" alone starts one process
-            "--num_processes",
-            "2",
-            "-m",
-            "lm_eval",
-            *args,
-            str(tmp_path / "two"),
-        ],
-        env={**env, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"},
-        capture_output=True,
-        text=True,
+    run_lm_eval_raw([*args, str(tmp_path / "one")], hf_datasets_cache)
+    two = run_lm_eval_raw(
+        [*args, str(tmp_path / "two")],
+        hf_datasets_cache,
+        extra_env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"},
+        # with ACCELERATE_USE_CPU; on accelerate 1.x "--cpu" alone starts one process
+        launcher=[shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "-m", "lm_eval"],
     )
-    assert two.returncode == 0, two.stderr[-3000:]
-    res = [json.loads(sorted((tmp_path / d).rglob("results_*.json"))[-1].read_text()) for d in ("one", "two")]
-    assert res[0]["results"]["copa"]["acc,none"] == pytest.approx(res[1]["results"]["copa"]["acc,none"])
     assert "data parallel on CPU over 2 processes" in two.stderr
-    assert res[1]["config"]["sdtp"]["per_task"]["copa"]["requests"] == 32  # both ranks' shares, gathered
+    one_res, two_res = results_json(tmp_path / "one"), results_json(tmp_path / "two")
+    assert one_res["results"]["copa"]["acc,none"] == pytest.approx(two_res["results"]["copa"]["acc,none"])
+    for task in ("copa", GEN_TASK):
+        assert resps(tmp_path / "two", task) == resps(tmp_path / "one", task)
+    assert two_res["config"]["sdtp"]["per_task"]["copa"]["requests"] >= 10  # both ranks' shares, gathered
+    assert two_res["config"]["sdtp"]["per_task"][GEN_TASK]["requests"] >= 5
+
+
+def test_prune_false_builds_no_engine_and_templated_longbench_prompts_are_refused(tiny_hf_dir):
+    from sdtp_eval.model import SDTPLM
+
+    dense = SDTPLM(pretrained=str(tiny_hf_dir), prune="false", dtype="float32")
+    assert dense.engine is None and dense.pruner_module is None
+    templated = dense.apply_chat_template([{"role": "user", "content": "Question: who?"}])
+    with pytest.raises(ValueError, match="without --apply_chat_template"):
+        dense._prepare_context(templated, "longbench_narrativeqa", 100)
+    assert dense._prepare_context(templated, "copa", 100) == templated  # other tasks: untouched
+
+
+def test_random_pruners_are_loud_and_shipped_needs_a_matching_model(tiny_hf_dir, caplog):
+    from sdtp_core.loading import load_pruner
+    from sdtp_eval.model import SDTPLM
+
+    lm = SDTPLM(pretrained=str(tiny_hf_dir), pruner=None, layers="1:3", dtype="float32")
+    assert lm.pruner_spec == "random" and "UNTRAINED (random) pruner" in caplog.text
+    with pytest.raises(ValueError, match="no shipped pruner fits"):
+        load_pruner("shipped", lm.model)
+
+
+def test_startup_hook_failures_warn_once_and_never_raise(caplog):
+    from sdtp_eval import _startup
+
+    def broken(module):
+        raise AttributeError("TaskManager moved")
+
+    _startup._warned = False
+    _startup._safely(broken, None)
+    _startup._safely(broken, None)
+    warnings = [r for r in caplog.records if "could not register" in r.getMessage()]
+    assert len(warnings) == 1 and "--include_path" in warnings[0].getMessage()
+
+
+def test_hf_default_pretrained_leaves_an_explicit_one_alone(tiny_hf_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    assert HFLM._sdtp_default_pretrained
+    lm = HFLM(pretrained=str(tiny_hf_dir), dtype="float32", device="cpu")
+    assert lm.model.config.hidden_size == 64
+
+
+@pytest.mark.real_model
+@pytest.mark.shared_data
+def test_lm_eval_without_model_args_runs_longbench_on_the_embedded_model(hf_datasets_cache, tmp_path):
+    """`lm_eval --tasks longbench_narrativeqa` (model hf, no pretrained); max_length keeps it cheap."""
+    proc = run_lm_eval_raw(
+        [
+            "--tasks",
+            "longbench_narrativeqa",
+            "--limit",
+            "1",
+            "--model_args",
+            "max_length=1024",
+            "--gen_kwargs",
+            "max_gen_toks=4",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        hf_datasets_cache,
+    )
+    assert "using sdtp's embedded Qwen2.5-Coder-0.5B-Instruct" in proc.stderr
+    assert "overrides existing task" not in proc.stderr
+    assert "longbench_narrativeqa" in results_json(tmp_path / "out")["results"]
 
 
 def test_bad_model_args_give_clear_errors(tiny_hf_dir):

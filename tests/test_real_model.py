@@ -28,13 +28,6 @@ def chat(tokenizer, text: str):
     )
 
 
-def test_embedded_model_shape_and_default_schedule(model_and_tokenizer):
-    model, _ = model_and_tokenizer
-    assert (model.config.model_type, model.config.num_hidden_layers, model.config.hidden_size) == ("qwen2", 24, 896)
-    pruner = load_pruner("random", model)
-    assert pruner.config.layers == [4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
-
-
 def test_dense_greedy_equals_model_generate(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     inputs = chat(tokenizer, "Write a Python function that returns the square of x.")
@@ -43,7 +36,7 @@ def test_dense_greedy_equals_model_generate(model_and_tokenizer):
     assert out.sequences[0].tolist() == ref.tolist()
 
 
-def test_pruned_prefill_matches_mask_simulation_and_generates_text(model_and_tokenizer):
+def test_pruned_prefill_and_decoding_match_the_mask_simulation(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     text = "def fibonacci(n):\n    # return the n-th Fibonacci number\n" * 3 + "Explain what this code does."
     inputs = chat(tokenizer, text)
@@ -52,31 +45,57 @@ def test_pruned_prefill_matches_mask_simulation_and_generates_text(model_and_tok
     engine = SDTPEngine(model, pruner)
     result = engine.prefill(inputs["input_ids"], logits_to_keep=0)
     assert result.kept_counts[0].tolist() == scheduled_counts(model.config, n, pruner.config)
+    assert result.compression.item() > 1.3
     ref_logits, alive = mask_simulated_forward(model, pruner, inputs["input_ids"][0].tolist())
     kept = torch.nonzero(alive).flatten()
     assert result.positions[0].tolist() == kept.tolist()
     torch.testing.assert_close(result.logits[0], ref_logits[kept], rtol=1e-3, atol=1e-3)
 
-    out = generate(
-        engine,
-        inputs["input_ids"],
-        max_new_tokens=40,
-        eos_token_id=tokenizer.eos_token_id,
-        stop_strings=["\n\n"],
-        tokenizer=tokenizer,
-    )
-    decoded = tokenizer.decode(out.sequences[0], skip_special_tokens=True)
-    assert decoded.strip() and out.sequences.shape[1] <= 40
-    assert "\n\n" not in decoded[:-2]  # stopped at the first blank line, if any
-    assert out.prefill.compression.item() > 1.3
+    # decoding on the pruned caches: each new token's logits equal the oracle's on prompt + generated tokens
+    out = generate(engine, inputs["input_ids"], max_new_tokens=6)
+    generated = out.sequences[0].tolist()
+    full = inputs["input_ids"][0].tolist() + generated
+    ref_logits, _ = mask_simulated_forward(model, pruner, full, n_prompt=n)
+    assert ref_logits[n - 1 : n - 1 + len(generated)].argmax(-1).tolist() == generated
 
 
-def test_pruner_flops_are_well_under_one_percent(model_and_tokenizer):
+def test_flops_count_equals_one_from_the_models_parameters(model_and_tokenizer):
+    """prefill_flops against an independent count: 2 FLOPs per weight per token for every Linear of the
+    decoder layers (read off the loaded model), plus causal attention; the pruner's term against its own
+    parameters; and the scorers are well under 1% of a pruned 2K prefill."""
     model, _ = model_and_tokenizer
     cfg = PrunerConfig.for_model(model.config)
-    flops = prefill_flops(model.config, scheduled_counts(model.config, 2048, cfg), cfg)
+    n = 2048
+    counts = scheduled_counts(model.config, n, cfg)
+    flops = prefill_flops(model.config, counts, cfg, n_logits=1)
+    hq = model.config.num_attention_heads * (model.config.hidden_size // model.config.num_attention_heads)
+    expected_layers = 0.0
+    for layer, k in zip(model.model.layers, counts):
+        linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        expected_layers += 2 * linear * k + 2 * 2 * hq * k * (k + 1) / 2
+    assert sum(flops.per_layer) == pytest.approx(expected_layers, rel=1e-9)
+    assert flops.lm_head == 2 * model.lm_head.weight.numel()
+    scorer = TokenPruner(cfg)
+    per_token = 2 * sum(p.numel() for name, p in scorer.stages[0].named_parameters() if "weight" in name)
+    assert flops.pruner == pytest.approx(sum(per_token * counts[layer - 1] for layer in cfg.layers), rel=1e-3)
     assert flops.pruner / flops.total < 0.005
-    assert sum(p.numel() for p in TokenPruner(cfg).parameters()) < 0.005 * model.num_parameters()
+
+
+def test_shipped_pruner_is_found_for_the_same_weights_in_another_directory(model_and_tokenizer, embedded_dir, tmp_path):
+    """The shipped pruner follows the model's identity (architecture + weight fingerprint), not its path."""
+    from sdtp_core.loading import EMBEDDED_PRUNER_DIR, shipped_pruner_dir
+
+    copy = tmp_path / "my-copy"
+    copy.mkdir()
+    for f in embedded_dir.iterdir():
+        (copy / f.name).symlink_to(f)
+    moved, _ = load_model(str(copy), dtype="bfloat16", device="cpu")  # another path and another dtype
+    assert shipped_pruner_dir(moved) == EMBEDDED_PRUNER_DIR
+    assert load_pruner(None, moved).source == str(EMBEDDED_PRUNER_DIR)
+    with torch.no_grad():  # the same architecture with other weights is not the model the pruner was trained on
+        for p in moved.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    assert shipped_pruner_dir(moved) is None
 
 
 def test_shipped_pruner_is_the_default_and_beats_random_scores_on_held_out_text(model_and_tokenizer, data_dir):
