@@ -41,8 +41,11 @@ class TokenPruner(nn.Module):
             StageScorer(config.hidden_size, config.scorer_hidden) for _ in range(config.num_stages)
         )
 
-    def score(self, stage: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Scores of stage ``stage`` for ``hidden_states`` (batch, seq, hidden); higher means keep."""
+    def score(self, stage: int, hidden_states: torch.Tensor, **context) -> torch.Tensor:
+        """Scores of stage ``stage`` for ``hidden_states`` (batch, seq, hidden); higher means keep.
+
+        ``context`` (the stage's decoder layer, rotary embeddings, live slots) is what training-free
+        scorers (:mod:`sdtp_core.scorers`) use; the trained MLPs read the hidden states only."""
         scorer = self.stages[stage]
         return scorer(hidden_states.to(scorer.fc1.weight.dtype))
 

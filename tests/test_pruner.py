@@ -107,3 +107,90 @@ def test_weights_that_do_not_match_the_config_are_rejected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PrunerConfigError, match="does not match"):
         TokenPruner.from_pretrained(tmp_path)
+
+
+def test_fingerprint_recognises_the_same_weights_up_to_quantization_noise_only():
+    from sdtp_core import fingerprint
+
+    model = tiny_model(seed=0)
+    reference = fingerprint.fingerprint(model)
+    noisy = tiny_model(seed=0)
+    with torch.no_grad():  # ~10% relative noise, more than Q4_K_M quantization adds
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.1 * p.std())
+    assert fingerprint.matches(model, reference) and fingerprint.matches(noisy, reference)
+    assert not fingerprint.matches(tiny_model(seed=1), reference)  # same shape, other weights
+    assert not fingerprint.matches(tiny_model("llama", seed=0), reference)  # other architecture
+
+
+def test_default_pruner_follows_the_model_identity(tmp_path, monkeypatch, caplog):
+    from sdtp_core import fingerprint, loading
+
+    model = tiny_model(seed=0)
+    shipped = tmp_path / "tiny-shipped"
+    tiny_pruner(model).save_pretrained(shipped)
+    fingerprint.save(model, shipped)
+    monkeypatch.setattr(loading, "SHIPPED_PRUNERS_DIR", tmp_path)
+    layers = [1, 3, 4]  # the tiny pruner's stages
+    assert loading.load_pruner(None, model, layers).source == str(shipped)
+    assert loading.load_pruner("shipped", model, layers).source == str(shipped)
+    other = tiny_model(seed=1)
+    assert loading.load_pruner(None, other, layers).source == "random" and "UNTRAINED" in caplog.text
+    assert loading.load_pruner("shipped", other, layers).source == str(shipped)  # explicit: loaded, with a warning
+    assert "trained on another model" in caplog.text
+
+
+def test_norm_scorer_keeps_the_largest_hidden_states():
+    from sdtp_core.scorers import NormScorer
+
+    hidden = torch.zeros(1, 5, 4)
+    for i, norm in enumerate([1.0, 5.0, 2.0, 0.5, 3.0]):
+        hidden[0, i, i % 4] = -norm if i % 2 else norm  # the sign must not matter
+    scores = NormScorer(None).score(0, hidden)
+    assert scores[0].argsort(descending=True).tolist() == [1, 4, 2, 0, 3]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_attention_scorer_equals_the_layers_own_attention_weights(arch):
+    """Against transformers' eager attention of the same layer: the attention the last `window` queries
+    pay to each key, averaged over heads and queries; in a padded row, padding neither gives nor gets any."""
+    from sdtp_core.scorers import AttentionScorer
+
+    model = tiny_model(arch, attn="eager")
+    layer = model.model.layers[2]
+    torch.manual_seed(0)
+    n, window = 12, 4
+    hidden = torch.randn(1, n, 64)
+    positions = torch.arange(n).unsqueeze(0)
+    rope = model.model.rotary_emb(hidden, positions)
+    causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        _, weights = layer.self_attn(layer.input_layernorm(hidden), rope, attention_mask=causal)
+        expected = weights[0, :, -window:].mean(0).mean(0)
+        got = AttentionScorer(None, window=window).score(
+            2, hidden, layer=layer, position_embeddings=rope, valid=torch.ones(1, n, dtype=torch.bool)
+        )
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-6)
+    # the same row right-aligned behind 3 padding slots scores the same, padding scores 0
+    padded = torch.cat([torch.randn(1, 3, 64), hidden], dim=1)
+    pad_rope = tuple(torch.cat([t[:, :3], t], dim=1) for t in rope)
+    valid = torch.tensor([[False] * 3 + [True] * n])
+    with torch.no_grad():
+        got_padded = AttentionScorer(None, window=window).score(
+            2, padded, layer=layer, position_embeddings=pad_rope, valid=valid
+        )
+    torch.testing.assert_close(got_padded[0, 3:], expected, rtol=1e-5, atol=1e-6)
+    assert got_padded[0, :3].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["attention", "norm", "random"])
+def test_training_free_scorers_run_at_the_same_schedule(kind):
+    from sdtp_core.loading import load_pruner
+
+    model = tiny_model()
+    scorer = load_pruner(kind, model, layers=[1, 3, 4], keep_ratio=0.7)
+    reference = load_pruner("random", model, layers=[1, 3, 4], keep_ratio=0.7)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    out = SDTPEngine(model, scorer).prefill(ids)
+    assert out.kept_counts.tolist() == SDTPEngine(model, reference).prefill(ids).kept_counts.tolist()
+    assert scorer.source == kind

@@ -1,0 +1,90 @@
+"""Training-free token scorers, usable wherever a trained :class:`~sdtp_core.pruner.TokenPruner` is.
+
+They run at the same stages with the same keep ratios and protected tokens as a trained pruner, so
+kept counts and 1/τ are identical and only the choice of tokens differs. Baselines a trained pruner
+must beat:
+
+* ``norm``: the L2 norm of the token's hidden state at the stage.
+* ``attention``: the attention the most recent tokens pay to each token in the stage layer, averaged
+  over heads and over the last ``window`` tokens (as FastV / LazyLLM rank tokens); computed with the
+  stage layer's own q/k projections and RoPE on its input, i.e. what that layer would attend to.
+
+(``random``, an untrained seeded scorer MLP, is built by :meth:`TokenPruner.for_model`.)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .config import PrunerConfig
+
+TRAINING_FREE = ("attention", "norm")
+
+
+class NormScorer(nn.Module):
+    """Scores each token by the L2 norm of its hidden state."""
+
+    def __init__(self, config: PrunerConfig):
+        super().__init__()
+        self.config = config
+
+    def score(self, stage: int, hidden_states: torch.Tensor, **context) -> torch.Tensor:
+        return hidden_states.float().norm(dim=-1)
+
+
+class AttentionScorer(nn.Module):
+    """Scores each token by the attention it receives from the last ``window`` tokens in the stage layer."""
+
+    def __init__(self, config: PrunerConfig, window: int = 8):
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.config = config
+        self.window = window
+
+    def score(
+        self,
+        stage: int,
+        hidden_states: torch.Tensor,
+        *,
+        layer: nn.Module,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        valid: torch.Tensor,
+        **context,
+    ) -> torch.Tensor:
+        """(batch, k) mean attention probability each slot receives; padding slots score 0.
+
+        Slots are right-aligned (see :mod:`sdtp_core.selection`): the last ``window`` slots are the most
+        recent tokens, and causal order between slots is causal order between original positions.
+        """
+        attn = layer.self_attn
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        x = layer.input_layernorm(hidden_states)
+        batch, k, _ = x.shape
+        m = min(self.window, k)
+        head_dim = attn.head_dim
+        cos, sin = position_embeddings
+        q = attn.q_proj(x[:, -m:]).view(batch, m, -1, head_dim).transpose(1, 2)
+        keys = attn.k_proj(x).view(batch, k, -1, head_dim).transpose(1, 2)
+        q, _ = rotate(q, q, cos[:, -m:], sin[:, -m:])
+        _, keys = rotate(keys, keys, cos, sin)
+        keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+        logits = (q.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # (batch, heads, m, k)
+        query_slot = torch.arange(k - m, k, device=x.device).view(m, 1)
+        allowed = (torch.arange(k, device=x.device).view(1, k) <= query_slot).unsqueeze(0) & valid[:, None, :]
+        probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+        live_queries = valid[:, -m:].float()  # (batch, m): a padding query contributes nothing
+        per_query = probs.mean(1)  # over heads -> (batch, m, k)
+        return (per_query * live_queries[:, :, None]).sum(1) / live_queries.sum(1, keepdim=True).clamp(min=1)
+
+
+def training_free(kind: str, config: PrunerConfig) -> nn.Module:
+    """A training-free scorer by name (``attention`` or ``norm``) for the schedule ``config``."""
+    if kind == "norm":
+        return NormScorer(config)
+    if kind == "attention":
+        return AttentionScorer(config)
+    raise ValueError(f"unknown training-free scorer {kind!r}; use one of {TRAINING_FREE}")
