@@ -22,6 +22,7 @@ from .attention import layout_mask
 from .cache import PrunedCache
 from .pruner import TokenPruner
 from .selection import compact, keep_counts, protected_mask, select
+from .timing import StageTimer, stage
 
 
 class PromptError(ValueError):
@@ -107,6 +108,7 @@ class SDTPEngine:
         prune: bool = True,
         logits_to_keep: int = 1,
         use_cache: bool = True,
+        timer: StageTimer | None = None,
     ) -> PrefillResult:
         """Run a prompt batch through the model, pruning at the pruner's stages.
 
@@ -117,6 +119,9 @@ class SDTPEngine:
             prune: ``False`` (or no pruner) runs the dense model.
             logits_to_keep: logits for the last this many slots (0 = all slots).
             use_cache: fill and return a :class:`PrunedCache` for decoding.
+            timer: optional :class:`~sdtp_core.timing.StageTimer`; times (and labels for the profiler)
+                ``prefill/embed``, every ``prefill/layer.NN``, every ``prefill/prune.S`` (scoring,
+                selection, gather) and ``prefill/head``.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise PromptError(f"input_ids must be a non-empty (batch, n) tensor, got shape {tuple(input_ids.shape)}")
@@ -129,39 +134,45 @@ class SDTPEngine:
         pruning = prune and self.pruner is not None and self.pruner.config.num_stages > 0
         cfg = self.pruner.config if pruning else None
 
-        index, valid = compact(mask.bool())
-        ids = input_ids.gather(1, index)
-        positions = (mask.long().cumsum(1) - 1).gather(1, index).clamp(min=0)
-        if protect is not None:
-            protect = protect.to(device)
-        protected = protected_mask(mask, cfg.keep_first, cfg.keep_recent, protect).gather(1, index) if pruning else None
-        stage_at = {layer: s for s, layer in enumerate(cfg.layers)} if pruning else {}
+        with stage(timer, "prefill/embed"):
+            index, valid = compact(mask.bool())
+            ids = input_ids.gather(1, index)
+            positions = (mask.long().cumsum(1) - 1).gather(1, index).clamp(min=0)
+            if protect is not None:
+                protect = protect.to(device)
+            protected = (
+                protected_mask(mask, cfg.keep_first, cfg.keep_recent, protect).gather(1, index) if pruning else None
+            )
+            stage_at = {layer: s for s, layer in enumerate(cfg.layers)} if pruning else {}
 
-        hidden = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(hidden, positions)
-        cache = PrunedCache(DynamicCache(), [], [valid]) if use_cache else None
-        attn_mask = self._mask(valid, valid.shape[1])
+            hidden = self.inner.embed_tokens(ids)
+            cos, sin = self.inner.rotary_emb(hidden, positions)
+            cache = PrunedCache(DynamicCache(), [], [valid]) if use_cache else None
+            attn_mask = self._mask(valid, valid.shape[1])
         kept = []
         for i, layer in enumerate(self.inner.layers):
             if i in stage_at:
                 s = stage_at[i]
-                scores = self.pruner.score(s, hidden)
-                slots, valid = select(scores, valid, protected, keep_counts(lengths, cfg.keep_ratios[s]))
-                hidden = _gather(hidden, slots)
-                cos, sin = _gather(cos, slots), _gather(sin, slots)
-                positions, protected = positions.gather(1, slots), protected.gather(1, slots)
-                attn_mask = self._mask(valid, valid.shape[1])
-                if cache is not None:
-                    cache.segment_valid.append(valid)
+                with stage(timer, f"prefill/prune.{s}"):
+                    scores = self.pruner.score(s, hidden)
+                    slots, valid = select(scores, valid, protected, keep_counts(lengths, cfg.keep_ratios[s]))
+                    hidden = _gather(hidden, slots)
+                    cos, sin = _gather(cos, slots), _gather(sin, slots)
+                    positions, protected = positions.gather(1, slots), protected.gather(1, slots)
+                    attn_mask = self._mask(valid, valid.shape[1])
+                    if cache is not None:
+                        cache.segment_valid.append(valid)
             if cache is not None:
                 cache.segment_of.append(len(cache.segment_valid) - 1)
             kept.append(valid.sum(1))
-            hidden = self._run_layer(layer, hidden, attn_mask, (cos, sin), cache.kv if cache else None)
+            with stage(timer, f"prefill/layer.{i:02d}"):
+                hidden = self._run_layer(layer, hidden, attn_mask, (cos, sin), cache.kv if cache else None)
 
         logits = None
         if logits_to_keep is not None and logits_to_keep >= 0:
-            tail = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
-            logits = self.model.lm_head(self.inner.norm(tail))
+            with stage(timer, "prefill/head"):
+                tail = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+                logits = self.model.lm_head(self.inner.norm(tail))
         return PrefillResult(
             logits=logits,
             positions=positions.masked_fill(~valid, -1),
@@ -171,16 +182,30 @@ class SDTPEngine:
         )
 
     @torch.inference_mode()
-    def decode_step(self, cache: PrunedCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Append one token per row at original ``positions`` (batch,) and return its logits (batch, vocab)."""
+    def decode_step(
+        self,
+        cache: PrunedCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        timer: StageTimer | None = None,
+    ) -> torch.Tensor:
+        """Append one token per row at original ``positions`` (batch,) and return its logits (batch, vocab).
+
+        ``timer`` (optional) times ``decode/embed``, ``decode/cache`` (live flags and masks), every
+        ``decode/layer.NN`` and ``decode/head``.
+        """
         device = self.model.device
-        hidden = self.inner.embed_tokens(tokens.to(device).view(-1, 1))
-        cos, sin = self.inner.rotary_emb(hidden, positions.to(device).view(-1, 1))
-        cache.append_live(1)
-        masks = [self._mask(v, 1) for v in cache.segment_valid]
+        with stage(timer, "decode/embed"):
+            hidden = self.inner.embed_tokens(tokens.to(device).view(-1, 1))
+            cos, sin = self.inner.rotary_emb(hidden, positions.to(device).view(-1, 1))
+        with stage(timer, "decode/cache"):
+            cache.append_live(1)
+            masks = cache.decode_masks(self.attn_implementation, self.model.dtype)
         for i, layer in enumerate(self.inner.layers):
-            hidden = self._run_layer(layer, hidden, masks[cache.segment_of[i]], (cos, sin), cache.kv)
-        return self.model.lm_head(self.inner.norm(hidden))[:, -1]
+            with stage(timer, f"decode/layer.{i:02d}"):
+                hidden = self._run_layer(layer, hidden, masks[cache.segment_of[i]], (cos, sin), cache.kv)
+        with stage(timer, "decode/head"):
+            return self.model.lm_head(self.inner.norm(hidden))[:, -1]
 
 
 def cache_keyword(layer) -> str:

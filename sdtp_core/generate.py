@@ -25,7 +25,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .cache import PrunedCache
 from .engine import PrefillResult, SDTPEngine
+from .timing import StageTimer, stage
 
 #: GenerationConfig fields the pruned decoding loop honours (the rest must be unset, or it refuses).
 SUPPORTED_FIELDS = {
@@ -157,6 +159,7 @@ def generate(
     prune: bool = True,
     protect: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    timer: StageTimer | None = None,
     **kwargs,
 ) -> GenerationResult:
     """Generate new tokens for each prompt of a batch: pruned prefill, then decoding on the pruned caches.
@@ -169,17 +172,65 @@ def generate(
     raise :class:`UnsupportedGenerationError`. ``max_new_tokens`` defaults to 128.
 
     A row stops at an EOS token (kept in the output) or when its generated text contains one of the
-    stop strings (needs ``tokenizer``); the batch stops when every row has stopped.
+    stop strings (needs ``tokenizer``); the batch stops when every row has stopped. ``timer`` (an optional
+    :class:`~sdtp_core.timing.StageTimer`) receives the stages of the prefill and of every decoding step.
     """
     kwargs.setdefault("max_new_tokens", (generation_config.max_new_tokens if generation_config else None) or 128)
     config = resolve_generation_config(generation_config, **kwargs)
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer")
     start = time.perf_counter()
-    result = engine.prefill(input_ids, attention_mask, protect=protect, prune=prune, logits_to_keep=1)
+    result = engine.prefill(input_ids, attention_mask, protect=protect, prune=prune, logits_to_keep=1, timer=timer)
     _synchronize(result.logits.device)
     prefill_seconds = time.perf_counter() - start
-    cache, logits = result.cache, result.logits[:, -1]
+    sequences = decode_loop(
+        engine,
+        result.cache,
+        result.logits[:, -1],
+        result.lengths,
+        input_ids,
+        attention_mask,
+        config,
+        tokenizer=tokenizer,
+        generator=generator,
+        timer=timer,
+    )
+    _synchronize(sequences.device)
+    return GenerationResult(sequences, result, prefill_seconds, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def decode_loop(
+    engine: SDTPEngine,
+    cache: PrunedCache,
+    logits: torch.Tensor,
+    lengths: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: GenerationConfig,
+    *,
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+    timer: StageTimer | None = None,
+    reserve: bool = True,
+) -> torch.Tensor:
+    """The decoding loop of :func:`generate`, from a filled cache and the prompt's last logits.
+
+    Args:
+        cache: the (pruned) cache of the prompt; decoded tokens are appended to it in place (room for
+            them is reserved up front, see :meth:`PrunedCache.reserve`).
+        logits: (batch, vocab) logits of the last prompt token.
+        lengths: (batch,) prompt lengths; the first decoded token sits at this position.
+        input_ids, attention_mask: the prompt (read by logits processors, as in ``model.generate``).
+        config: a resolved configuration (:func:`resolve_generation_config`).
+        timer: optional :class:`~sdtp_core.timing.StageTimer`; adds ``decode/select`` (processors,
+            token choice, stopping) to the stages of :meth:`SDTPEngine.decode_step`.
+        reserve: preallocate the cache for the new tokens (same results; ``False`` concatenates per
+            step, the behaviour before preallocation, kept for measuring it).
+
+    Returns:
+        (batch, t) new tokens, padded with ``pad_token_id`` after a row stopped.
+    """
     batch = logits.shape[0]
     device = logits.device
     prompt = input_ids.to(device)
@@ -191,29 +242,31 @@ def generate(
     eos = torch.tensor(_eos_list(config.eos_token_id), device=device, dtype=torch.long)
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
 
+    if reserve:
+        cache.reserve(config.max_new_tokens - 1)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    positions = result.lengths.clone()
+    positions = lengths.to(device).clone()
     tokens: list[torch.Tensor] = []
     for step in range(config.max_new_tokens):
-        scores = logits.float()
-        if processors:  # they read the whole sequence so far (prompt + generated), as in model.generate
-            scores = processors(torch.cat([prompt, *(t.unsqueeze(1) for t in tokens)], dim=1), scores)
-        if config.do_sample:
-            next_token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            next_token = scores.argmax(-1)
-        next_token = next_token.masked_fill(done, pad_token_id)
-        tokens.append(next_token)
-        done |= torch.isin(next_token, eos)
-        if stop is not None:
-            done |= stop(torch.stack(tokens, dim=1), scores)
-        if bool(done.all()) or step == config.max_new_tokens - 1:
+        with stage(timer, "decode/select"):
+            scores = logits.float()
+            if processors:  # they read the whole sequence so far (prompt + generated), as in model.generate
+                scores = processors(torch.cat([prompt, *(t.unsqueeze(1) for t in tokens)], dim=1), scores)
+            if config.do_sample:
+                next_token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                next_token = scores.argmax(-1)
+            next_token = next_token.masked_fill(done, pad_token_id)
+            tokens.append(next_token)
+            done |= torch.isin(next_token, eos)
+            if stop is not None:
+                done |= stop(torch.stack(tokens, dim=1), scores)
+            finished = bool(done.all()) or step == config.max_new_tokens - 1
+        if finished:
             break
-        logits = engine.decode_step(cache, next_token, positions)
+        logits = engine.decode_step(cache, next_token, positions, timer=timer)
         positions = positions + 1
-    sequences = torch.stack(tokens, dim=1)
-    _synchronize(sequences.device)
-    return GenerationResult(sequences, result, prefill_seconds, time.perf_counter() - start)
+    return torch.stack(tokens, dim=1)
 
 
 def _synchronize(device: torch.device) -> None:
