@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import statistics
@@ -29,6 +30,7 @@ from .engine import SDTPEngine
 from .flops import prefill_flops
 from .generate import generate
 from .loading import RANDOM_PRUNER, load_model, load_pruner
+from .timing import cpu_flags
 
 
 def machine_info() -> dict:
@@ -50,6 +52,10 @@ def machine_info() -> dict:
             info["cpu_model"] = names[0]
     except OSError:
         pass
+    info["cpu_flags"] = cpu_flags()
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["logical_cpus"] = os.cpu_count()
+    info["loadavg_at_start"] = os.getloadavg()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -184,32 +190,77 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation: sdpa | eager | flash_attention_2")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the report here (and a PNG plot beside it)")
+    prof = parser.add_argument_group("--profile: where the time goes (sdtp_core.breakdown)")
+    prof.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="per-stage breakdown instead of the speedup table: DIR/timing_breakdown.{jsonl,json,md,png} "
+        "(records are appended, so runs with other dtypes can share DIR) and DIR/traces/*.json Chrome traces",
+    )
+    prof.add_argument("--trace-tokens", type=int, default=4, help="new tokens in each profiled (traced) run")
+    prof.add_argument("--trace-max-length", type=int, default=None, help="no traces for longer prompts")
+    prof.add_argument(
+        "--vs-tokens", type=int, default=16, help="tokens decoded by our loop vs model.generate (0: skip)"
+    )
+    prof.add_argument("--vs-reps", type=int, default=3, help="timed repetitions of the loop vs generate")
+    prof.add_argument(
+        "--plain-max-length", type=int, default=None, help="no uninstrumented reference run for longer prompts"
+    )
     args = parser.parse_args(argv)
     if any(n < 8 for n in args.lengths) or args.reps < 1 or args.new_tokens < 1:
         parser.error("lengths must be >= 8, --reps and --new-tokens >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, _ = load_model(args.model, args.dtype, args.device, args.attn)
     pruner = load_pruner(args.pruner, model, keep_ratio=args.keep_ratio)
     engine = SDTPEngine(model, pruner)
+    command = "python -m sdtp_core.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    settings = {
+        "model": str(model.config._name_or_path),
+        "pruner": args.pruner,
+        "schedule": pruner.config.to_dict(),
+        "dtype": str(model.dtype),
+        "attn_implementation": model.config._attn_implementation,
+        "device": str(model.device),
+        "reps": args.reps,
+        "new_tokens": args.new_tokens,
+    }
+    if args.profile is not None:
+        from .breakdown import run_profile
+
+        meta = {"command": command, "machine": machine_info(), "settings": settings}
+        return run_profile(
+            engine,
+            args.profile,
+            args.lengths,
+            args.new_tokens,
+            args.reps,
+            args.seed,
+            args.trace_tokens,
+            args.trace_max_length,
+            args.vs_tokens,
+            args.vs_reps,
+            meta,
+            args.plain_max_length,
+        )
     rows = []
     for length in tqdm(args.lengths, desc="benchmark", unit="length"):
         rows.append(bench_length(engine, length, args.new_tokens, args.reps, args.seed))
         tqdm.write(format_table(rows[-1:]).splitlines()[-1])
     print(format_table(rows))
     report = {
-        "command": "python -m sdtp_core.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": command,
         "machine": machine_info(),
-        "settings": {
-            "model": str(model.config._name_or_path),
-            "pruner": args.pruner,
-            "schedule": pruner.config.to_dict(),
-            "dtype": str(model.dtype),
-            "attn_implementation": model.config._attn_implementation,
-            "device": str(model.device),
-            "reps": args.reps,
-            "new_tokens": args.new_tokens,
+        "settings": settings
+        | {
             "dense_baseline": "same engine and decoding loop with pruning off; hf_dense_prefill_s is a plain "
             "transformers forward (logits_to_keep=1) for reference",
         },
