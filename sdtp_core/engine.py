@@ -59,9 +59,11 @@ class SDTPEngine:
     Args:
         model: a Hugging Face causal LM with the Llama/Qwen2 module layout.
         pruner: the pruning modules; ``None`` runs dense (useful as a reference and for parity checks).
+        min_prompt_tokens: prompts shorter than this are not pruned (every token kept, so they compute
+            exactly as dense); a batch of only such prompts skips the scorers too.
     """
 
-    def __init__(self, model, pruner: TokenPruner | None = None):
+    def __init__(self, model, pruner: TokenPruner | None = None, min_prompt_tokens: int = 0):
         inner = getattr(model, "model", None)
         missing = [name for name in ("embed_tokens", "layers", "rotary_emb", "norm") if not hasattr(inner, name)] + (
             [] if hasattr(model, "lm_head") else ["lm_head"]
@@ -77,6 +79,10 @@ class SDTPEngine:
         self.pruner = pruner
         self.inner = inner
         self._cache_kwarg = cache_keyword(inner.layers[0])
+        if min_prompt_tokens < 0:
+            raise ValueError(f"min_prompt_tokens must be >= 0, got {min_prompt_tokens}")
+        #: prompts shorter than this run dense (every token kept): too short for pruning to save time
+        self.min_prompt_tokens = min_prompt_tokens
 
     @property
     def attn_implementation(self) -> str:
@@ -131,7 +137,8 @@ class SDTPEngine:
         lengths = mask.bool().sum(1)
         if bool((lengths == 0).any()):
             raise PromptError(f"empty prompt in batch rows {torch.nonzero(lengths == 0).flatten().tolist()}")
-        pruning = prune and self.pruner is not None and self.pruner.config.num_stages > 0
+        short = lengths < self.min_prompt_tokens
+        pruning = prune and self.pruner is not None and self.pruner.config.num_stages > 0 and not bool(short.all())
         cfg = self.pruner.config if pruning else None
 
         with stage(timer, "prefill/embed"):
@@ -141,7 +148,9 @@ class SDTPEngine:
             if protect is not None:
                 protect = protect.to(device)
             protected = (
-                protected_mask(mask, cfg.keep_first, cfg.keep_recent, protect).gather(1, index) if pruning else None
+                (protected_mask(mask, cfg.keep_first, cfg.keep_recent, protect) | short[:, None]).gather(1, index)
+                if pruning
+                else None
             )
             stage_at = {layer: s for s, layer in enumerate(cfg.layers)} if pruning else {}
 
@@ -154,7 +163,7 @@ class SDTPEngine:
             if i in stage_at:
                 s = stage_at[i]
                 with stage(timer, f"prefill/prune.{s}"):
-                    scores = self.pruner.score(s, hidden)
+                    scores = self.pruner.score(s, hidden, layer=layer, position_embeddings=(cos, sin), valid=valid)
                     slots, valid = select(scores, valid, protected, keep_counts(lengths, cfg.keep_ratios[s]))
                     hidden = _gather(hidden, slots)
                     cos, sin = _gather(cos, slots), _gather(sin, slots)

@@ -290,3 +290,19 @@ def test_bad_prompts_give_clear_errors():
 def test_engine_rejects_models_without_the_decoder_layout():
     with pytest.raises(TypeError, match="Llama/Qwen2 decoder layout"):
         SDTPEngine(torch.nn.Linear(2, 2))
+
+
+def test_prompts_below_min_prompt_tokens_run_dense_in_a_mixed_batch():
+    model = tiny_model()
+    pruner = tiny_pruner(model)
+    engine = SDTPEngine(model, pruner, min_prompt_tokens=40)
+    short, long = prompt(30, 1), prompt(60, 2)
+    ids, mask = left_pad([short, long])
+    out = engine.prefill(ids, mask)
+    assert out.kept_counts[0].tolist() == [30] * 6 and out.compression[0].item() == 1.0
+    torch.testing.assert_close(out.logits[0], SDTPEngine(model, None).prefill(short).logits[0], rtol=1e-5, atol=1e-5)
+    alone = SDTPEngine(model, pruner).prefill(long)  # the long row is pruned exactly as without the policy
+    assert out.kept_counts[1].tolist() == alone.kept_counts[0].tolist() and alone.compression.item() > 1.0
+    torch.testing.assert_close(out.logits[1], alone.logits[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="min_prompt_tokens"):
+        SDTPEngine(model, pruner, min_prompt_tokens=-1)
