@@ -24,6 +24,7 @@ Batch size 1 only (kvpress presses do not handle padded batches). Press names: s
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -91,18 +92,31 @@ def prefill_cache_position(model):
 
     kvpress's hook needs it to recognise the prefill; :class:`SDTPEngine` calls decoder layers directly
     and passes none. A call that already has one (a plain transformers < 5.3 forward) is left untouched.
+
+    transformers >= 5.3 (checked on 5.24) also renamed the layers' ``past_key_values`` keyword to
+    ``cache``, which kvpress 0.5.5's hook reads under the old name; the cache is then passed under both
+    names (the attention module uses ``cache`` and ignores the old name with a FutureWarning, silenced
+    here). kvpress 0.5.5 itself declares ``transformers<5.3``: that combination is outside its support.
     """
 
     def pre_hook(module, args, kwargs):
-        if kwargs.get("cache_position") is not None:
-            return None
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
-        return args, kwargs
+        changed = False
+        if kwargs.get("cache_position") is None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+            changed = True
+        if "past_key_values" not in kwargs and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+            changed = True
+        return (args, kwargs) if changed else None
 
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in _attention_modules(model)]
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Both `past_key_values` and `cache` are set", category=FutureWarning
+            )
+            yield
     finally:
         for h in handles:
             h.remove()
@@ -310,26 +324,6 @@ def run_sdtp_press(
     )
 
 
-def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, passkey: int = 68142) -> tuple[list[int], list[int]]:
-    """A pass-key retrieval probe: ``n_tokens`` of filler with the key at ``depth``, and the question.
-
-    Returns ``(context_ids, question_ids)``; the answer is ``str(passkey)``.
-    """
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
-    head = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-    unit = len(tokenizer(filler, add_special_tokens=False).input_ids)
-    budget = n_tokens - len(tokenizer(head + needle, add_special_tokens=False).input_ids)
-    reps = max(1, budget // unit)
-    before = round(reps * depth)
-    context = head + filler * before + needle + filler * (reps - before)
-    question = "What is the pass key? The pass key is"
-    return (
-        tokenizer(context, add_special_tokens=False).input_ids,
-        tokenizer(question, add_special_tokens=False).input_ids,
-    )
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Every press alone and after SDTP on a pass-key prompt; print a table, optionally write JSON."""
     import argparse
@@ -340,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     from sdtp_core.bench import machine_info
     from sdtp_core.engine import SDTPEngine
     from sdtp_core.loading import load_model, load_pruner
+
+    from .probe import PASSKEY, passkey_prompt
 
     parser = argparse.ArgumentParser(prog="python -m sdtp_eval.peers.kvpress_presses", description=main.__doc__)
     parser.add_argument("--model", default=None, help="Hub id or path (default: the embedded model)")
@@ -358,13 +354,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tok = load_model(args.model, args.dtype, "cpu", "sdpa")
     engine = SDTPEngine(model, load_pruner(args.pruner, model))
-    context, question = passkey_prompt(tok, args.length, args.depth)
+    context_text, question_text = passkey_prompt(tok, args.length, args.depth)
+    context = tok(context_text, add_special_tokens=False).input_ids
+    question = tok(question_text, add_special_tokens=False).input_ids
     ids, q = torch.tensor([context]), torch.tensor(question)
     common = dict(question_ids=q, max_new_tokens=args.new_tokens, eos_token_id=tok.eos_token_id, tokenizer=tok)
     rows = []
 
     def record(label, run):
-        row = run.to_dict() | {"label": label, "found_passkey": "68142" in (run.text or "")}
+        row = run.to_dict() | {"label": label, "found_passkey": str(PASSKEY) in (run.text or "")}
         row.pop("sequences")
         rows.append(row)
         mean_len = sum(run.cache_lengths) / len(run.cache_lengths)

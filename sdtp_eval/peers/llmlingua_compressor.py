@@ -192,3 +192,63 @@ def compress(
         lm_compressed_tokens=k_lm,
         seconds=seconds,
     )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Compress the pass-key probe with LLMLingua; answer from the compressed and the full prompt."""
+    import argparse
+    import json
+    from importlib.metadata import version
+
+    from sdtp_core.bench import machine_info
+    from sdtp_core.engine import SDTPEngine
+    from sdtp_core.generate import generate
+
+    from .probe import PASSKEY, passkey_prompt
+
+    parser = argparse.ArgumentParser(prog="python -m sdtp_eval.peers.llmlingua_compressor", description=main.__doc__)
+    parser.add_argument("--model", default=None, help="small LM directory (default: the embedded model)")
+    parser.add_argument("--length", type=int, default=1024, help="context tokens of the pass-key prompt")
+    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--rate", type=float, default=0.5)
+    parser.add_argument("--target-token", type=int, default=-1)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    start = time.perf_counter()
+    compressor = load_compressor(args.model)
+    load_seconds = time.perf_counter() - start
+    tok = compressor.tokenizer
+    context, question = passkey_prompt(tok, args.length, args.depth)
+    result = compress(compressor, context, rate=args.rate, target_token=args.target_token)
+    engine = SDTPEngine(compressor.model, None)
+
+    def answer(text: str) -> dict:
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+        out = generate(engine, ids, max_new_tokens=args.new_tokens, eos_token_id=tok.eos_token_id)
+        reply = tok.decode(out.sequences[0])
+        return {"prompt_tokens": ids.shape[1], "answer": reply, "found_passkey": str(PASSKEY) in reply}
+
+    report = {
+        "command": "python -m sdtp_eval.peers.llmlingua_compressor "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "machine": machine_info() | {"llmlingua": version("llmlingua")},
+        "small_lm": str(compressor.model.config._name_or_path),
+        "load_seconds": load_seconds,
+        "compression": result.to_dict(),
+        "compressed": answer(result.text.rstrip() + " " + question),
+        "full": answer(context + question),
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
