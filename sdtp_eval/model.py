@@ -12,9 +12,10 @@ only the seams where the model runs:
 * ``tok_batch_encode``: optional middle truncation (``truncation=middle``, as official LongBench).
 * ``generate_until``: for this package's LongBench tasks, the official per-task chat-template rule.
 
-Extra ``model_args`` (besides everything HFLM accepts): ``pruner`` (a pruner directory or ``random``),
-``prune`` (true/false), ``keep_ratio`` (r), ``layers`` (stage layers separated by ``:``, e.g.
-``4:8:12``), ``truncation`` (``left`` or ``middle``). Without ``pretrained`` the embedded
+Extra ``model_args`` (besides everything HFLM accepts): ``pruner`` (a pruner directory, ``shipped``,
+``attention``, ``norm`` or ``random``), ``prune`` (true/false), ``keep_ratio`` (r), ``layers`` (stage
+layers separated by ``:``, e.g. ``4:8:12``), ``truncation`` (``left`` or ``middle``),
+``min_prompt_tokens`` (shorter prompts run dense). Without ``pretrained`` the embedded
 Qwen2.5-Coder-0.5B-Instruct is used.
 """
 
@@ -149,6 +150,7 @@ class SDTPLM(HFLM):
         keep_ratio: float | None = None,
         layers: str | list[int] | None = None,
         truncation: str | bool = "left",
+        min_prompt_tokens: int | str = 0,
         dtype: str | None = None,
         device: str | None = None,
         **kwargs,
@@ -177,7 +179,7 @@ class SDTPLM(HFLM):
         # With prune=false neither a pruner nor the engine is built: every call goes to HFLM's dense path.
         self.pruner_module = load_pruner(pruner, self.model, layers, keep_ratio) if self.prune else None
         self.pruner_spec = getattr(self.pruner_module, "source", None) if self.prune else None
-        self.engine = SDTPEngine(self.model, self.pruner_module) if self.prune else None
+        self.engine = SDTPEngine(self.model, self.pruner_module, int(min_prompt_tokens)) if self.prune else None
         self.stats = PruningStats(self.pruner_module.config.layers if self.pruner_module else [])
         #: per-request pruning records, (task, doc_id) -> [(request idx, record)], for --log_samples
         self.sample_records: dict[tuple[str, int], list[tuple[int, dict]]] = defaultdict(list)
@@ -411,6 +413,7 @@ class SDTPLM(HFLM):
             "pruner": self.pruner_spec,
             "schedule": self.pruner_module.config.to_dict() if self.pruner_module else None,
             "truncation": self.truncation_mode,
+            "min_prompt_tokens": self.engine.min_prompt_tokens if self.engine else None,
             "per_task": summary,
         }
         if summary:
