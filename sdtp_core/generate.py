@@ -124,7 +124,7 @@ def logits_processors(config: GenerationConfig, prompt_mask: torch.Tensor) -> Lo
         pads = (prompt_mask != 0).int().argmax(dim=1)
         try:
             procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=pads))
-        except TypeError:  # transformers releases before prompt_ignore_length
+        except (TypeError, ValueError):  # releases without prompt_ignore_length, or only an int (5.2)
             procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.no_repeat_ngram_size:
         procs.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))

@@ -255,8 +255,16 @@ def test_data_parallel_gives_the_same_results(tiny_hf_dir, hf_datasets_cache, tm
     assert "data parallel on CPU over 2 processes" in two.stderr
     one_res, two_res = results_json(tmp_path / "one"), results_json(tmp_path / "two")
     assert one_res["results"]["copa"]["acc,none"] == pytest.approx(two_res["results"]["copa"]["acc,none"])
-    for task in ("copa", GEN_TASK):
-        assert resps(tmp_path / "two", task) == resps(tmp_path / "one", task)
+    # 1 vs 2 threads per process: float sums in another order, so log-probs agree to rounding only
+    assert loglik(samples(tmp_path / "two", "copa")) == pytest.approx(
+        loglik(samples(tmp_path / "one", "copa")), abs=1e-4
+    )
+    # lm-eval appends the padding duplicate's response to the same request: compare the first response
+    first = [[r[0] for r in row] for row in resps(tmp_path / "two", GEN_TASK)]
+    assert first == [[r[0] for r in row] for row in resps(tmp_path / "one", GEN_TASK)]
+    for task in ("copa", GEN_TASK):  # each prompt prepared once: same lengths and kept tokens in both runs
+        records = [sorted(samples(tmp_path / run, task), key=lambda r: r["doc_id"]) for run in ("one", "two")]
+        assert [r["sdtp"] for r in records[0]] == [r["sdtp"] for r in records[1]]
     assert two_res["config"]["sdtp"]["per_task"]["copa"]["requests"] >= 10  # both ranks' shares, gathered
     assert two_res["config"]["sdtp"]["per_task"][GEN_TASK]["requests"] >= 5
 
