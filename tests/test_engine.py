@@ -127,7 +127,7 @@ def test_last_prompt_token_is_kept_even_with_keep_recent_zero(monkeypatch):
     n = 30
     # the last token gets the lowest score at every stage
     monkeypatch.setattr(
-        pruner, "score", lambda s, h: -torch.arange(h.shape[1], dtype=torch.float32).expand(h.shape[0], -1)
+        pruner, "score", lambda s, h, **ctx: -torch.arange(h.shape[1], dtype=torch.float32).expand(h.shape[0], -1)
     )
     out = SDTPEngine(model, pruner).prefill(prompt(n))
     kept = out.positions[0][out.positions[0] >= 0].tolist()
@@ -150,7 +150,7 @@ def test_ties_are_broken_by_position_like_the_oracle(monkeypatch):
     n = 40
     ids = prompt(n, 3)
     # every token scores the same: the earliest unprotected tokens must win, in engine and oracle alike
-    monkeypatch.setattr(pruner, "score", lambda s, h: torch.zeros(h.shape[:2], dtype=h.dtype))
+    monkeypatch.setattr(pruner, "score", lambda s, h, **ctx: torch.zeros(h.shape[:2], dtype=h.dtype))
     out = SDTPEngine(model, pruner).prefill(ids, logits_to_keep=0)
     _, alive = mask_simulated_forward(model, pruner, ids[0].tolist())
     kept = out.positions[0][out.positions[0] >= 0].tolist()
