@@ -206,11 +206,14 @@ def decode_vs_generate(engine: SDTPEngine, ids: torch.Tensor, new_tokens: int, r
         base = engine.prefill(ids, prune=False)
     first = base.logits[:, -1].float().argmax(-1)
     hf_input = torch.cat([ids, first[:, None]], dim=1)
+    # eos = an id the head cannot produce: generate would otherwise fall back to the model's EOS and
+    # stop early on random prompts, while our loop (no EOS) decodes every token
+    never = model.config.vocab_size
     hf_config = GenerationConfig(
-        max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0
+        max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False, eos_token_id=never, pad_token_id=0
     )
     # ours: select the first token, then `new_tokens` decode steps, each followed by a selection
-    ours_config = resolve_generation_config(None, max_new_tokens=new_tokens + 1, pad_token_id=0)
+    ours_config = resolve_generation_config(None, max_new_tokens=new_tokens + 1, eos_token_id=never, pad_token_id=0)
     cache_kw = cache_keyword(engine.inner.layers[0])  # generate takes the cache by the same keyword
 
     def ours(reserve: bool):
