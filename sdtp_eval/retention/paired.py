@@ -1,0 +1,201 @@
+"""Paired comparison of configurations from lm-eval's logged samples, with bootstrap intervals.
+
+Usage::
+
+    python -m sdtp_eval.retention.paired --metric nll_per_token --lower-is-better \\
+        --samples dense=runs/dense sdtp=runs/sdtp random=runs/random --out results/retention_nll
+
+Every configuration ran the same documents (``--log_samples``), so each document gives a *paired*
+difference against the reference (the first ``--samples``, or ``--reference``). Per task and pooled over
+all tasks it reports the mean of each configuration, the mean paired difference to the reference with a
+95% bootstrap interval (documents resampled, seeded) and a retention figure:
+
+* higher-is-better metrics (accuracy, exact match): mean / reference mean, with its bootstrap interval;
+* ``--lower-is-better`` metrics measured in nats per token (answer NLL): ``exp(-Δ)``, the fraction of the
+  reference's per-token answer probability (geometric mean) that the configuration keeps.
+
+Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (differences with their intervals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shlex
+import sys
+from pathlib import Path
+
+from .heatmap import parse_source
+
+POOLED = "all tasks"
+
+
+def read_samples(path: Path, metric: str) -> dict[str, dict[int, float]]:
+    """``{task: {doc_id: value}}`` from an lm-eval output directory (newest samples file per task) or a file."""
+    files = [path] if path.is_file() else sorted(path.rglob("samples_*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no samples_*.jsonl under {path} (run lm_eval with --log_samples)")
+    newest: dict[str, Path] = {}
+    for file in files:  # names end in the run's timestamp: sorted = oldest first
+        newest[file.name[len("samples_") :].rsplit("_", 1)[0]] = file
+    values: dict[str, dict[int, float]] = {}
+    for task, file in sorted(newest.items()):
+        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        scored = {int(r["doc_id"]): float(r[metric]) for r in rows if metric in r}
+        if scored:
+            values[task] = scored
+    if not values:
+        raise ValueError(f"no sample under {path} has the metric {metric!r}")
+    return values
+
+
+def bootstrap(pairs: list[tuple[float, float]], stat, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of ``stat(pairs)`` over ``reps`` resamples of the pairs."""
+    rng = random.Random(seed)
+    n = len(pairs)
+    draws = sorted(stat([pairs[rng.randrange(n)] for _ in range(n)]) for _ in range(reps))
+    return draws[int(0.025 * reps)], draws[min(reps - 1, int(0.975 * reps))]
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def compare(
+    runs: dict[str, dict[str, dict[int, float]]], reference: str, lower_is_better: bool, reps: int = 2000
+) -> dict:
+    """Per task (and pooled) statistics of every run against ``reference``, on the documents both have."""
+    ref = runs[reference]
+    table: dict[str, dict[str, dict]] = {}
+    for name, run in runs.items():
+        pooled: list[tuple[float, float]] = []
+        for task in sorted(ref):
+            if task not in run:
+                continue
+            docs = sorted(set(ref[task]) & set(run[task]))
+            pairs = [(run[task][d], ref[task][d]) for d in docs]
+            pooled += pairs
+            table.setdefault(task, {})[name] = _stats(pairs, lower_is_better, reps)
+        if pooled:
+            table.setdefault(POOLED, {})[name] = _stats(pooled, lower_is_better, reps)
+    return table
+
+
+def _stats(pairs: list[tuple[float, float]], lower_is_better: bool, reps: int) -> dict:
+    def diff(ps):
+        return _mean(a - b for a, b in ps)
+
+    def retention(ps):
+        if lower_is_better:
+            return math.exp(-diff(ps))
+        ref_mean = _mean(b for _, b in ps)
+        return _mean(a for a, _ in ps) / ref_mean if ref_mean else float("nan")
+
+    return {
+        "n": len(pairs),
+        "mean": _mean(a for a, _ in pairs),
+        "reference_mean": _mean(b for _, b in pairs),
+        "diff": diff(pairs),
+        "diff_ci": bootstrap(pairs, diff, reps),
+        "retention": retention(pairs),
+        "retention_ci": bootstrap(pairs, retention, reps),
+    }
+
+
+def format_markdown(report: dict) -> str:
+    metric, ref = report["metric"], report["reference"]
+    better = "lower" if report["lower_is_better"] else "higher"
+    retention = "exp(-Δ) (per-token probability kept)" if report["lower_is_better"] else f"mean / {ref} mean"
+    lines = [
+        f"# {metric} ({better} is better): every configuration against `{ref}`, paired by document",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Δ = configuration − {ref} per document, averaged; retention = {retention}. Brackets: 95% bootstrap "
+        f"intervals over documents ({report['bootstrap_reps']} resamples, seed 0).",
+        "",
+        "| task | run | n | mean | Δ [95% CI] | retention [95% CI] |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for task, rows in report["tasks"].items():
+        for name, s in rows.items():
+            lines.append(
+                f"| {task} | {name} | {s['n']} | {s['mean']:.4f} | {s['diff']:+.4f} "
+                f"[{s['diff_ci'][0]:+.4f}, {s['diff_ci'][1]:+.4f}] | {s['retention']:.3f} "
+                f"[{s['retention_ci'][0]:.3f}, {s['retention_ci'][1]:.3f}] |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["tasks"])
+    names = [n for n in report["runs"] if n != report["reference"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) * max(1, len(names)) / 2), 4))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs, ys, lo, hi = [], [], [], []
+        for t, task in enumerate(tasks):
+            s = report["tasks"][task].get(name)
+            if s is None:
+                continue
+            xs.append(t + (i - (len(names) - 1) / 2) * width)
+            ys.append(s["diff"])
+            lo.append(s["diff"] - s["diff_ci"][0])
+            hi.append(s["diff_ci"][1] - s["diff"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=20, ha="right", fontsize=8)
+    worse = "higher = worse" if report["lower_is_better"] else "lower = worse"
+    ax.set_ylabel(f"Δ {report['metric']} vs {report['reference']} ({worse})")
+    ax.set_title("Paired differences with 95% bootstrap intervals")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", nargs="+", required=True, help="LABEL=DIR|FILE, one per configuration")
+    parser.add_argument("--metric", required=True, help="per-sample metric key, e.g. acc, exact_match, nll_per_token")
+    parser.add_argument("--lower-is-better", action="store_true")
+    parser.add_argument("--reference", help="label of the reference run (default: the first)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
+    args = parser.parse_args(argv)
+    sources = [parse_source(s) for s in args.samples]
+    labels = [label for label, _ in sources]
+    if len(set(labels)) != len(labels):
+        parser.error(f"labels must be unique, got {labels}")
+    reference = args.reference or labels[0]
+    if reference not in labels:
+        parser.error(f"--reference {reference!r} is not one of {labels}")
+    runs = {label: read_samples(path, args.metric) for label, path in sources}
+    report = {
+        "command": "python -m sdtp_eval.retention.paired " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "metric": args.metric,
+        "lower_is_better": args.lower_is_better,
+        "reference": reference,
+        "runs": labels,
+        "bootstrap_reps": args.bootstrap,
+        "tasks": compare(runs, reference, args.lower_is_better, args.bootstrap),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(format_markdown(report))
+    plot(report, args.out.with_suffix(".png"))
+    print(format_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

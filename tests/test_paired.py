@@ -1,0 +1,72 @@
+"""Paired comparison of lm-eval runs (sdtp_eval.retention.paired) against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sdtp_eval.retention.paired import POOLED, main
+
+
+def write_samples(directory: Path, task: str, values: dict[int, float], metric: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"doc_id": d, metric: v, "doc": {}} for d, v in values.items()]
+    (directory / f"samples_{task}_2026-12-02T00-00-00.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_paired_differences_retention_and_intervals_by_hand(tmp_path):
+    ref = {0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0}
+    run = {0: 1.0, 1: 0.0, 2: 0.0, 3: 1.0, 9: 1.0}  # doc 9 has no partner: ignored
+    write_samples(tmp_path / "dense", "needle", ref, "exact_match")
+    write_samples(tmp_path / "sdtp", "needle", run, "exact_match")
+    report = main(
+        [
+            "--metric",
+            "exact_match",
+            "--samples",
+            f"dense={tmp_path / 'dense'}",
+            f"sdtp={tmp_path / 'sdtp'}",
+            "--out",
+            str(tmp_path / "out" / "r"),
+        ]
+    )
+    s = report["tasks"]["needle"]["sdtp"]
+    assert s["n"] == 4 and s["mean"] == 0.5 and s["reference_mean"] == 0.75
+    assert s["diff"] == pytest.approx(-0.25) and s["retention"] == pytest.approx(0.5 / 0.75)
+    assert s["diff_ci"][0] <= -0.25 <= s["diff_ci"][1] and s["diff_ci"][0] >= -1.0 and s["diff_ci"][1] <= 0.0
+    assert report["tasks"]["needle"]["dense"]["diff"] == 0.0  # the reference against itself
+    assert report["tasks"][POOLED]["sdtp"]["n"] == 4
+    assert "| needle | sdtp | 4 | 0.5000 | -0.2500" in (tmp_path / "out" / "r.md").read_text()
+    assert (tmp_path / "out" / "r.png").stat().st_size > 1000
+
+
+def test_lower_is_better_retention_is_the_per_token_probability_kept(tmp_path):
+    write_samples(tmp_path / "a", "nll", {0: 2.0, 1: 3.0}, "nll_per_token")
+    write_samples(tmp_path / "b", "nll", {0: 2.5, 1: 3.1}, "nll_per_token")
+    report = main(
+        [
+            "--metric",
+            "nll_per_token",
+            "--lower-is-better",
+            "--samples",
+            f"dense={tmp_path / 'a'}",
+            f"sdtp={tmp_path / 'b'}",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    s = report["tasks"]["nll"]["sdtp"]
+    assert s["diff"] == pytest.approx(0.3) and s["retention"] == pytest.approx(math.exp(-0.3))
+
+
+def test_bad_input_is_named(tmp_path):
+    write_samples(tmp_path / "a", "t", {0: 1.0}, "acc")
+    with pytest.raises(ValueError, match="no sample .* has the metric 'f1'"):
+        main(["--metric", "f1", "--samples", f"a={tmp_path / 'a'}", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit):
+        main(
+            ["--metric", "acc", "--samples", f"a={tmp_path / 'a'}", "--reference", "zzz", "--out", str(tmp_path / "r")]
+        )
