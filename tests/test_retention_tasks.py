@@ -269,3 +269,16 @@ def test_longbench_nll_and_retention_end_to_end_on_the_tiny_model(tiny_hf_dir, h
     retention = _yaml("longbench_retention.yaml")["task"]
     assert all(0.0 <= data["results"][task]["score,none"] <= 100.0 for task in retention)
     assert "score,none" in data["results"]["longbench_retention"]
+
+
+def test_winogrande_probe_splits_like_lm_eval_and_finds_the_option(tiny_hf_dir):
+    from transformers import AutoTokenizer
+
+    from sdtp_eval.retention.option_survival import partial_inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    sentence = "The trophy doesn't fit into the brown suitcase because the _ is too large."
+    context, continuation, option = partial_inputs(tokenizer, sentence, "trophy")
+    assert tokenizer.decode(context) == "The trophy doesn't fit into the brown suitcase because the trophy"
+    assert tokenizer.decode(continuation) == " is too large."
+    assert tokenizer.decode([context[i] for i in option]) == " trophy" and option.stop == len(context)
