@@ -4,20 +4,25 @@
         --run hf=hf --run dense=sdtp:prune=false --run sdtp=sdtp --run random=sdtp:pruner=random \\
         --out results/accuracy_cpu
 
-Each ``--run NAME=MODEL[:MODEL_ARGS]`` is one ``lm_eval`` process (the real console script, one after
-the other, on the same machine), timed from start to exit. Every run gets the same ``pretrained`` and
-``dtype`` unless its model_args set them (default: the embedded model in the ``sdtp`` model's default
-dtype), so ``hf`` and ``sdtp`` compare the same weights. Writes ``OUT.json`` (scores with standard
-errors, wall times and their ratio to the first run, the ``sdtp`` pruning report: 1/τ, kept tokens,
-prefill and generation seconds), ``OUT.md`` (tables) and ``OUT.png`` (scores per task and run).
-The lm-eval output of every run (with ``--log_samples``) goes to ``--runs-dir`` (default: a folder under
-the system temporary directory), not next to ``OUT``: the samples quote the evaluation data.
+Each ``--run NAME=MODEL[:MODEL_ARGS]`` is one ``lm_eval`` process (lm-eval's own command-line entry point,
+one after the other, on the same machine), timed from start to exit; inside it the model's construction
+(load) and lm-eval's ``evaluate`` (evaluation) are timed separately. Every run gets the same
+``pretrained`` and ``dtype`` unless its model_args set them (default: the embedded model in the ``sdtp``
+model's default dtype), so ``hf`` and ``sdtp`` compare the same weights. Without ``--num-fewshot`` every
+task uses its own default number of shots (the report says which). Writes ``OUT.json`` (every
+``metric,filter`` lm-eval reports with its standard error, the shots per task, wall, load and evaluation
+times and their ratios to the first run, the ``sdtp`` pruning report: 1/τ, kept tokens, prefill and
+generation seconds), ``OUT.md`` (tables) and ``OUT.png`` (main score per task and run). The lm-eval
+output of every run (with ``--log_samples``) goes to ``--runs-dir`` (default: a folder under the system
+temporary directory), not next to ``OUT``: the samples quote the evaluation data.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -28,7 +33,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Preferred metrics for the plot (one bar per task): the first present, filter ``none`` first.
 METRICS = ("acc", "acc_norm", "score", "exact_match")
+#: The child process writes its load / evaluation timings to the file this variable names.
+TIMING_ENV = "SDTP_COMPARE_TIMING"
+TIMING_FILE = "sdtp_compare_timing.json"
+_CHILD = "from sdtp_eval.compare import timed_lm_eval; timed_lm_eval()"
 
 
 @dataclass
@@ -58,25 +68,68 @@ def with_defaults(model_args: str, defaults: dict[str, str]) -> str:
     return ",".join([a for a in [model_args] if a] + extra)
 
 
-def lm_eval_command(run: Run, args: argparse.Namespace, model_args: str, out: Path) -> list[str]:
-    exe = shutil.which("lm_eval")
-    cmd = [exe] if exe else [sys.executable, "-m", "lm_eval"]
-    cmd += [
-        "--model",
-        run.model,
-        "--model_args",
-        model_args,
-        "--tasks",
-        args.tasks,
-        "--batch_size",
-        str(args.batch_size),
-    ]
-    cmd += ["--output_path", str(out), "--log_samples", "--num_fewshot", str(args.num_fewshot)]
+def lm_eval_args(run: Run, args: argparse.Namespace, model_args: str, out: Path) -> list[str]:
+    """The ``lm_eval`` arguments of one run. ``--num_fewshot`` only if given: else each task's default."""
+    cmd = ["--model", run.model, "--model_args", model_args, "--tasks", args.tasks]
+    cmd += ["--batch_size", str(args.batch_size), "--output_path", str(out), "--log_samples"]
+    if args.num_fewshot is not None:
+        cmd += ["--num_fewshot", str(args.num_fewshot)]
     if args.limit is not None:
         cmd += ["--limit", str(args.limit)]
     if args.gen_kwargs:
         cmd += ["--gen_kwargs", args.gen_kwargs]
     return cmd
+
+
+# ---------------------------------------------------------------- the child process: timed lm_eval
+
+
+def timed_lm_eval() -> None:
+    """lm-eval's command line (``lm_eval.__main__.cli_evaluate``, what the ``lm_eval`` script runs) on
+    ``sys.argv[1:]``, timing the model's construction and lm-eval's ``evaluate`` into ``$SDTP_COMPARE_TIMING``.
+
+    Load = ``LM.create_from_arg_string``/``create_from_arg_obj`` (how lm-eval builds every model that does
+    not override them, ``hf`` and ``sdtp`` included: weights, tokenizer, pruner). Evaluation =
+    ``lm_eval.evaluator.evaluate`` (requests, every model call, metrics). If lm-eval's internals ever
+    differ, the timers are skipped (with a warning) and lm-eval runs unchanged.
+    """
+    path = os.environ.pop(TIMING_ENV, None)
+    timing: dict[str, float | int] = {}
+
+    def add(key: str, seconds: float) -> None:
+        timing[key] = timing.get(key, 0.0) + seconds
+        timing[key.replace("_seconds", "_calls")] = timing.get(key.replace("_seconds", "_calls"), 0) + 1
+        if path:
+            Path(path).write_text(json.dumps(timing))
+
+    def timed(fn, key):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                add(key, time.perf_counter() - start)
+
+        return wrapper
+
+    from lm_eval.__main__ import cli_evaluate
+
+    try:
+        import lm_eval.api.model as lm_model
+        import lm_eval.evaluator as evaluator
+
+        for name in ("create_from_arg_string", "create_from_arg_obj"):
+            original = lm_model.LM.__dict__[name].__func__
+            setattr(lm_model.LM, name, classmethod(timed(original, "load_seconds")))
+        evaluator.evaluate = timed(evaluator.evaluate, "evaluation_seconds")
+    except Exception as e:  # never break the run for a timer
+        print(f"sdtp_eval.compare: load/evaluation timers not installed ({type(e).__name__}: {e})", file=sys.stderr)
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+# ---------------------------------------------------------------- reading lm-eval's results
 
 
 def read_results(out: Path) -> dict:
@@ -86,21 +139,69 @@ def read_results(out: Path) -> dict:
     return json.loads(files[-1].read_text())
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"exact_match,strict-match"`` -> ``("exact_match", "strict-match")``."""
+    metric, _, filt = key.partition(",")
+    return metric, filt
+
+
+def stderr_key(key: str) -> str:
+    metric, filt = split_key(key)
+    return f"{metric}_stderr,{filt}"
+
+
+def metric_keys(values: dict) -> list[str]:
+    """The ``metric,filter`` keys of one task's results, in lm-eval's order (no ``_stderr`` keys)."""
+    return [k for k in values if "," in k and not split_key(k)[0].endswith("_stderr")]
+
+
 def task_scores(results: dict) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value, metric_stderr: value}}`` for the metrics in :data:`METRICS`."""
+    """``{task: {"metric,filter": value, "metric_stderr,filter": stderr}}``: every metric and filter lm-eval
+    reports (groups and LongBench-E buckets included), with its standard error where it has one. Values
+    lm-eval could not compute (``"N/A"``, None, NaN: e.g. an empty LongBench-E bucket) are left out:
+    :func:`skipped_scores` lists them."""
     scores: dict[str, dict[str, float]] = {}
-    for task, values in results["results"].items():
+    for task, values in results.get("results", {}).items():
         row = {}
-        for metric in METRICS:
-            value = values.get(f"{metric},none")
-            if isinstance(value, (int, float)):
-                row[metric] = float(value)
-                stderr = values.get(f"{metric}_stderr,none")
-                if isinstance(stderr, (int, float)):
-                    row[f"{metric}_stderr"] = float(stderr)
+        for key in metric_keys(values):
+            if _number(values[key]):
+                row[key] = float(values[key])
+                err = values.get(stderr_key(key))
+                if _number(err):
+                    row[stderr_key(key)] = float(err)
         if row:
             scores[task] = row
     return scores
+
+
+def skipped_scores(results: dict) -> list[dict]:
+    """The ``metric,filter`` entries :func:`task_scores` leaves out, with the value lm-eval reported."""
+    skipped = []
+    for task, values in results.get("results", {}).items():
+        for key in metric_keys(values):
+            if not _number(values[key]):
+                value = values[key]
+                skipped.append({"task": task, "metric": key, "value": value if isinstance(value, str) else repr(value)})
+    return skipped
+
+
+def read_timing(out: Path) -> dict:
+    path = out / TIMING_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- one run
 
 
 def execute(run: Run, args: argparse.Namespace, defaults: dict[str, str], runs_dir: Path) -> dict:
@@ -108,56 +209,123 @@ def execute(run: Run, args: argparse.Namespace, defaults: dict[str, str], runs_d
     out = runs_dir / run.name
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
     model_args = with_defaults(run.model_args, defaults)
-    cmd = lm_eval_command(run, args, model_args, out)
-    print(f"[{run.name}] {shlex.join(cmd)}", flush=True)
+    lm_args = lm_eval_args(run, args, model_args, out)
+    cmd = [sys.executable, "-c", _CHILD, *lm_args]
+    print(f"[{run.name}] lm_eval {shlex.join(lm_args)}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=os.environ.copy())
+    proc = subprocess.run(cmd, env={**os.environ, TIMING_ENV: str(out / TIMING_FILE)})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"run {run.name!r} failed (exit {proc.returncode}); its log is above")
     results = read_results(out)
-    sdtp = results.get("config", {}).get("sdtp")
-    print(f"[{run.name}] {wall:.1f} s", flush=True)
+    timing = read_timing(out)
+    load, evaluation = timing.get("load_seconds"), timing.get("evaluation_seconds")
+    print(
+        f"[{run.name}] {wall:.1f} s (load {_fmt_s(load)} s, evaluation {_fmt_s(evaluation)} s)",
+        flush=True,
+    )
     return {
         "name": run.name,
         "model": run.model,
         "model_args": model_args,
-        "command": shlex.join(cmd),
+        "command": "lm_eval " + shlex.join(lm_args),
+        "process": shlex.join(cmd),
         "wall_seconds": wall,
+        "load_seconds": load,
+        "evaluation_seconds": evaluation,
+        # interpreter start-up, imports, task and dataset loading, writing the results and samples
+        "other_seconds": None if load is None or evaluation is None else wall - load - evaluation,
+        "lm_eval_total_evaluation_time_seconds": _float(results.get("total_evaluation_time_seconds")),
         "scores": task_scores(results),
+        "skipped": skipped_scores(results),
+        "n_shot": dict(results.get("n-shot", {})),
         "n_samples": {t: v.get("effective", v.get("original")) for t, v in results.get("n-samples", {}).items()},
-        "sdtp": sdtp,
+        "sdtp": results.get("config", {}).get("sdtp"),
     }
+
+
+def add_ratios(runs: list[dict]) -> None:
+    """Wall and evaluation time of every run relative to the first run."""
+    first = runs[0]
+    for r in runs:
+        r["wall_ratio_to_first"] = r["wall_seconds"] / first["wall_seconds"]
+        e, e0 = r.get("evaluation_seconds"), first.get("evaluation_seconds")
+        r["evaluation_ratio_to_first"] = e / e0 if e is not None and e0 else None
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt_s(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.1f}"
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.3f}"
+
+
+def _fmt_score(key: str, value: float, err: float | None) -> str:
+    digits = 2 if split_key(key)[0].startswith("score") else 4  # LongBench scores are 0-100
+    return f"{value:.{digits}f}" + ("" if err is None else f" ± {err:.{digits}f}")
+
+
+def _one_of(values: list) -> str:
+    """One cell for a per-task value every run should share (``a/b`` if they differ)."""
+    seen = list(dict.fromkeys(v for v in values if v is not None))
+    return "/".join(str(v) for v in seen)
 
 
 def format_markdown(report: dict) -> str:
     runs = report["runs"]
     tasks = sorted({t for r in runs for t in r["scores"]})
     lines = [f"Command: `{report['command']}`", ""]
-    lines += ["| task | metric | n | " + " | ".join(r["name"] for r in runs) + " |"]
-    lines += ["|---|---|---:|" + "---:|" * len(runs)]
+    lines += ["| task | metric | filter | n-shot | n | " + " | ".join(r["name"] for r in runs) + " |"]
+    lines += ["|---|---|---|---:|---:|" + "---:|" * len(runs)]
+    missing_stderr = False
     for task in tasks:
-        metrics = [m for m in METRICS if any(m in r["scores"].get(task, {}) for r in runs)]
-        n = next((r["n_samples"].get(task) for r in runs if r["n_samples"].get(task) is not None), "")
-        for metric in metrics:
+        keys = list(dict.fromkeys(k for r in runs for k in _keys(r, task)))
+        shots = _one_of([r.get("n_shot", {}).get(task) for r in runs])
+        n = _one_of([r["n_samples"].get(task) for r in runs])
+        for key in keys:
             cells = []
             for r in runs:
                 s = r["scores"].get(task, {})
-                if metric not in s:
+                if key not in s:
                     cells.append("")
-                elif metric == "score":
-                    cells.append(f"{s[metric]:.2f}")
-                else:
-                    err = s.get(f"{metric}_stderr")
-                    cells.append(f"{s[metric]:.4f}" + (f" ± {err:.4f}" if err is not None else ""))
-            lines.append(f"| {task} | {metric} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | model | model_args | wall s | wall / " + runs[0]["name"] + " |", "|---|---|---|---:|---:|"]
+                    continue
+                err = s.get(stderr_key(key))
+                missing_stderr |= err is None
+                cells.append(_fmt_score(key, s[key], err))
+            metric, filt = split_key(key)
+            lines.append(f"| {task} | {metric} | {filt} | {shots} | {n} | " + " | ".join(cells) + " |")
+    skipped = [(r["name"], s) for r in runs for s in r.get("skipped", [])]
+    if missing_stderr or skipped:
+        lines.append("")
+    if missing_stderr:
+        lines.append("Values without ± have no standard error from lm-eval (N/A, e.g. a single document).")
+    if skipped:
+        listed = "; ".join(f"{name}: {s['task']} `{s['metric']}` = {s['value']}" for name, s in skipped)
+        lines.append(f"Not shown (lm-eval reported no value, e.g. an empty LongBench-E bucket): {listed}.")
+    first = runs[0]["name"]
+    lines += [
+        "",
+        f"| run | model | model_args | wall s | load s | evaluation s | wall / {first} | evaluation / {first} |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in runs:
         lines.append(
             f"| {r['name']} | {r['model']} | `{r['model_args']}` | {r['wall_seconds']:.1f} | "
-            f"{r['wall_seconds'] / runs[0]['wall_seconds']:.3f} |"
+            f"{_fmt_s(r.get('load_seconds'))} | {_fmt_s(r.get('evaluation_seconds'))} | "
+            f"{_fmt_ratio(r.get('wall_ratio_to_first'))} | {_fmt_ratio(r.get('evaluation_ratio_to_first'))} |"
         )
+    lines += [
+        "",
+        "Load = building the model (weights, tokenizer, pruner); evaluation = lm-eval's `evaluate` (every "
+        "model call and the metrics); wall = the whole `lm_eval` process (also start-up, imports, task and "
+        "dataset loading, writing the samples).",
+    ]
     pruned = [r for r in runs if r["sdtp"] and r["sdtp"].get("per_task")]
     if pruned:
         lines += ["", "| run | task | requests | mean prompt tokens | 1/τ | mean prefill s | mean generation s |"]
@@ -173,6 +341,18 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _keys(run: dict, task: str) -> list[str]:
+    return metric_keys(run["scores"].get(task, {}))
+
+
+def main_metric(runs: list[dict], task: str) -> str | None:
+    """The ``metric,filter`` to plot for ``task``: the first of :data:`METRICS` (filter ``none`` first)."""
+    keys = list(dict.fromkeys(k for r in runs for k in _keys(r, task)))
+    preferred = [k for m in METRICS for k in keys if split_key(k) == (m, "none")]
+    preferred += [k for m in METRICS for k in keys if split_key(k)[0] == m]
+    return (preferred or keys or [None])[0]
+
+
 def plot(report: dict, path: Path) -> None:
     """Grouped bars: the main metric of every task, one bar per run, with standard errors."""
     import matplotlib
@@ -182,15 +362,19 @@ def plot(report: dict, path: Path) -> None:
 
     runs = report["runs"]
     tasks = sorted({t for r in runs for t in r["scores"]})
-    metric_of = {t: next(m for m in METRICS if any(m in r["scores"].get(t, {}) for r in runs)) for t in tasks}
+    metric_of = {t: main_metric(runs, t) for t in tasks}
     width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) + 2), 4))
     for i, r in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(tasks))]
         ys = [r["scores"].get(t, {}).get(metric_of[t], float("nan")) for t in tasks]
-        errs = [r["scores"].get(t, {}).get(f"{metric_of[t]}_stderr", 0.0) for t in tasks]
+        errs = [r["scores"].get(t, {}).get(stderr_key(metric_of[t]), 0.0) for t in tasks]
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=r["name"])
-    ax.set_xticks(range(len(tasks)), [f"{t}\n({metric_of[t]})" for t in tasks])
+    labels = []
+    for t in tasks:
+        metric, filt = split_key(metric_of[t])
+        labels.append(f"{t}\n({metric}{'' if filt == 'none' else ', ' + filt})")
+    ax.set_xticks(range(len(tasks)), labels)
     ax.set_ylabel("score")
     ax.set_title("lm-eval scores per configuration")
     ax.legend(fontsize=8)
@@ -211,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", action="append", required=True, type=Run.parse, help="NAME=MODEL[:MODEL_ARGS]")
     parser.add_argument("--out", type=Path, required=True, help="output stem: writes OUT.json, OUT.md and OUT.png")
     parser.add_argument("--limit", type=float, default=None, help="lm-eval --limit (documents per task)")
-    parser.add_argument("--num-fewshot", type=int, default=0)
+    parser.add_argument(
+        "--num-fewshot", type=int, default=None, help="lm-eval --num_fewshot (default: each task's own default)"
+    )
     parser.add_argument("--batch-size", default="8", help="lm-eval --batch_size")
     parser.add_argument("--gen-kwargs", default=None, help="lm-eval --gen_kwargs")
     parser.add_argument("--pretrained", default=None, help="model for every run (default: the embedded model)")
@@ -241,14 +427,13 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
         "tasks": args.tasks,
         "limit": args.limit,
-        "num_fewshot": args.num_fewshot,
+        "num_fewshot": args.num_fewshot,  # None: each task's default; per task and run: runs[i]["n_shot"]
         "runs": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for run in args.run:
         report["runs"].append(execute(run, args, defaults, runs_dir))
-        for r in report["runs"]:
-            r["wall_ratio_to_first"] = r["wall_seconds"] / report["runs"][0]["wall_seconds"]
+        add_ratios(report["runs"])
         # Written after every run, so a failure later loses nothing measured so far.
         tmp = args.out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=2))

@@ -381,14 +381,21 @@ def test_compare_runs_configurations_back_to_back(tiny_hf_dir, hf_datasets_cache
     ]
     report = compare(argv)
     hf, dense, pruned = report["runs"]
-    assert hf["scores"]["copa"]["acc"] == dense["scores"]["copa"]["acc"]
+    assert hf["scores"]["copa"]["acc,none"] == dense["scores"]["copa"]["acc,none"]
+    assert "acc_stderr,none" in hf["scores"]["copa"]
     assert hf["n_samples"]["copa"] == 8 and hf["wall_ratio_to_first"] == 1.0
+    # no --num-fewshot: nothing forced, copa's own default (0 shots) is recorded
+    assert "--num_fewshot" not in hf["command"] and hf["n_shot"]["copa"] == 0
+    for r in report["runs"]:
+        assert 0 < r["load_seconds"] and 0 < r["evaluation_seconds"]
+        assert r["load_seconds"] + r["evaluation_seconds"] < r["wall_seconds"]
+    assert hf["evaluation_ratio_to_first"] == 1.0
     assert f"pretrained={tiny_hf_dir}" in hf["model_args"] and "dtype=float32" in dense["model_args"]
     assert pruned["sdtp"]["per_task"]["copa"]["mean_compression"] > 1.0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert [r["name"] for r in saved["runs"]] == ["hf", "dense", "pruned"]
     table = out.with_suffix(".md").read_text()
-    assert "| copa | acc | 8 |" in table and "wall / hf" in table
+    assert "| copa | acc | none | 0 | 8 |" in table and "wall / hf" in table and "evaluation / hf" in table
     assert out.with_suffix(".png").stat().st_size > 1000
     assert not list((tmp_path / "results").glob("*runs*")), "lm-eval samples must not land next to the results"
 
