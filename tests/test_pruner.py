@@ -123,7 +123,7 @@ def test_fingerprint_recognises_the_same_weights_up_to_quantization_noise_only()
     assert not fingerprint.matches(tiny_model("llama", seed=0), reference)  # other architecture
 
 
-def test_default_pruner_follows_the_model_identity(tmp_path, monkeypatch, caplog):
+def test_shipped_pruner_follows_the_model_identity_and_the_default_is_attention(tmp_path, monkeypatch, caplog):
     from sdtp_core import fingerprint, loading
 
     model = tiny_model(seed=0)
@@ -132,12 +132,14 @@ def test_default_pruner_follows_the_model_identity(tmp_path, monkeypatch, caplog
     fingerprint.save(model, shipped)
     monkeypatch.setattr(loading, "SHIPPED_PRUNERS_DIR", tmp_path)
     layers = [1, 3, 4]  # the tiny pruner's stages
-    assert loading.load_pruner(None, model, layers).source == str(shipped)
+    assert loading.shipped_pruner_dir(model) == shipped
     assert loading.load_pruner("shipped", model, layers).source == str(shipped)
+    assert loading.load_pruner(None, model, layers).source == "attention"  # the measured-best scorer
     other = tiny_model(seed=1)
-    assert loading.load_pruner(None, other, layers).source == "random" and "UNTRAINED" in caplog.text
+    assert loading.shipped_pruner_dir(other) is None
     assert loading.load_pruner("shipped", other, layers).source == str(shipped)  # explicit: loaded, with a warning
     assert "trained on another model" in caplog.text
+    assert loading.load_pruner("random", other, layers).source == "random" and "UNTRAINED" in caplog.text
 
 
 def test_norm_scorer_keeps_the_largest_hidden_states():

@@ -91,23 +91,23 @@ def test_shipped_pruner_is_found_for_the_same_weights_in_another_directory(model
         (copy / f.name).symlink_to(f)
     moved, _ = load_model(str(copy), dtype="bfloat16", device="cpu")  # another path and another dtype
     assert shipped_pruner_dir(moved) == EMBEDDED_PRUNER_DIR
-    assert load_pruner(None, moved).source == str(EMBEDDED_PRUNER_DIR)
+    assert load_pruner("shipped", moved).source == str(EMBEDDED_PRUNER_DIR)
     with torch.no_grad():  # the same architecture with other weights is not the model the pruner was trained on
         for p in moved.parameters():
             p.copy_(torch.randn_like(p) * 0.02)
     assert shipped_pruner_dir(moved) is None
 
 
-def test_shipped_pruner_is_the_default_and_beats_random_scores_on_held_out_text(model_and_tokenizer, data_dir):
-    """The committed pruner loads by default for the embedded model, and on Dolly records it was not
-    trained on (its training used the first 400) it ranks tokens by saliency better than chance."""
+def test_shipped_pruner_beats_random_scores_on_held_out_text(model_and_tokenizer, data_dir):
+    """The committed pruner loads with pruner=shipped for the embedded model, and on Dolly records it was
+    not trained on (its training used the first 400) it ranks tokens by saliency better than chance."""
     from sdtp_core.loading import EMBEDDED_PRUNER_DIR
     from sdtp_core.pruner_eval import evaluate
     from sdtp_core.train_data import load_examples
 
     model, tokenizer = model_and_tokenizer
-    pruner = load_pruner(None, model)
-    assert (EMBEDDED_PRUNER_DIR / "model.safetensors").is_file()
+    pruner = load_pruner("shipped", model)
+    assert pruner.source == str(EMBEDDED_PRUNER_DIR)
     assert pruner.config.to_dict() == PrunerConfig.for_model(model.config).to_dict()
     examples = load_examples(str(data_dir / "dolly" / "dolly_subset_1000.jsonl"), tokenizer, "auto", 256, 4, skip=900)
     result = evaluate(model, pruner, examples)
