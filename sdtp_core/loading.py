@@ -158,7 +158,11 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
 
 
 def _shipped_for_shape(model) -> Path:
-    """``pruner=shipped``: the shipped pruner whose architecture fits ``model``."""
+    """``pruner=shipped``: the shipped pruner trained for ``model`` (by fingerprint), else the first whose
+    architecture fits it (with a warning)."""
+    recognised = shipped_pruner_dir(model)
+    if recognised is not None:
+        return recognised
     for directory in shipped_pruners():
         reference = fingerprint.load(directory)
         if reference is not None and fingerprint.same_architecture(model, reference):
