@@ -32,19 +32,23 @@ def parse_source(value: str) -> tuple[str, Path]:
     return Path(value).name or value, Path(value)
 
 
-def sample_files(path: Path) -> list[Path]:
-    """The samples JSONL files of a path: itself, or the newest file of each needle task below a directory."""
+def sample_files(path: Path, pattern: str = SAMPLES_GLOB) -> list[Path]:
+    """The samples JSONL files of a path: itself, or the newest file of each task below a directory."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"no such file or directory: {path}")
     newest: dict[str, Path] = {}
-    for file in sorted(path.rglob(SAMPLES_GLOB)):  # names end in the run's timestamp: sorted = oldest first
-        task = file.name[len("samples_") :].rsplit("_", 1)[0]
-        newest[task] = file
+    for file in sorted(path.rglob(pattern)):  # names end in the run's timestamp: sorted = oldest first
+        newest[task_of(file)] = file
     if not newest:
-        raise FileNotFoundError(f"no {SAMPLES_GLOB} under {path} (run lm_eval with --log_samples)")
+        raise FileNotFoundError(f"no {pattern} under {path} (run lm_eval with --log_samples)")
     return sorted(newest.values())
+
+
+def task_of(samples_file: Path) -> str:
+    """Task name of an lm-eval samples file ``samples_<task>_<timestamp>.jsonl``."""
+    return samples_file.name[len("samples_") :].rsplit("_", 1)[0]
 
 
 def read_scores(files: list[Path]) -> dict[tuple[int, int], list[float]]:

@@ -27,21 +27,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from .heatmap import parse_source
+from .heatmap import parse_source, sample_files, task_of
 
 POOLED = "all tasks"
 
 
 def read_samples(path: Path, metric: str) -> dict[str, dict[int, float]]:
     """``{task: {doc_id: value}}`` from an lm-eval output directory (newest samples file per task) or a file."""
-    files = [path] if path.is_file() else sorted(path.rglob("samples_*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"no samples_*.jsonl under {path} (run lm_eval with --log_samples)")
-    newest: dict[str, Path] = {}
-    for file in files:  # names end in the run's timestamp: sorted = oldest first
-        newest[file.name[len("samples_") :].rsplit("_", 1)[0]] = file
     values: dict[str, dict[int, float]] = {}
-    for task, file in sorted(newest.items()):
+    for file in sample_files(path, "samples_*.jsonl"):
+        task = task_of(file)
         rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
         scored = {int(r["doc_id"]): float(r[metric]) for r in rows if metric in r}
         if scored:
