@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(prog="python -m sdtp_eval.peers.kvpress_presses", description=main.__doc__)
     parser.add_argument("--model", default=None, help="Hub id or path (default: the embedded model)")
-    parser.add_argument("--pruner", default=None, help="SDTP pruner: a directory, shipped, attention, norm or random (default: the package default, attention)")
+    parser.add_argument(
+        "--pruner", default=None, help="a pruner directory, shipped, attention, norm or random (default: attention)"
+    )
     parser.add_argument("--presses", nargs="+", default=list(PRESSES))
     parser.add_argument("--ratio", type=float, default=0.5, help="press compression ratio (fraction removed)")
     parser.add_argument("--length", type=int, default=1024, help="context tokens of the pass-key prompt")
