@@ -35,7 +35,7 @@ from sdtp_core.engine import SDTPEngine
 from sdtp_core.generate import generate
 from sdtp_core.loading import RANDOM_PRUNER, default_dtype, load_pruner
 
-from .longbench.spec import is_longbench_task, uses_chat_template
+from .longbench.spec import NO_CHAT_TEMPLATE, is_longbench_task, uses_chat_template
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -310,7 +310,7 @@ class SDTPLM(HFLM):
             raise ValueError(
                 f"{task}: the prompt is already chat-templated (--apply_chat_template?). This package's LongBench "
                 "tasks apply the official per-task rule themselves (a chat template for most tasks, none for "
-                "trec, triviaqa, samsum, lsht, lcc and repobench-p): run them without --apply_chat_template."
+                f"{', '.join(sorted(NO_CHAT_TEMPLATE))}): run them without --apply_chat_template."
             )
         if self.truncation_mode == "middle":
             tokens = self.tokenizer.encode(context, add_special_tokens=False)

@@ -296,8 +296,7 @@ def run_sdtp_press(
         list(range(engine.num_layers)),
         [torch.ones(1, length, dtype=torch.bool, device=model.device) for length in cache_lengths],
     )
-    if hasattr(cache, "reserve"):  # sdtp_core's preallocated decoding buffers, as generate() uses them
-        cache.reserve(max_new_tokens + (0 if question_ids is None else question_ids.numel()))
+    cache.reserve(max_new_tokens + (0 if question_ids is None else question_ids.numel()))  # as generate() does
     logits = result.logits[:, -1]
     position = n
 
