@@ -15,7 +15,8 @@ only the seams where the model runs:
 Extra ``model_args`` (besides everything HFLM accepts): ``pruner`` (a pruner directory, ``shipped``,
 ``attention``, ``norm`` or ``random``), ``prune`` (true/false), ``keep_ratio`` (r), ``layers`` (stage
 layers separated by ``:``, e.g. ``4:8:12``), ``truncation`` (``left`` or ``middle``),
-``min_prompt_tokens`` (shorter prompts run dense). Without ``pretrained`` the embedded
+``min_prompt_tokens`` (shorter prompts run dense; default
+:data:`sdtp_core.loading.DEFAULT_MIN_PROMPT_TOKENS`, ``0`` prunes every prompt). Without ``pretrained`` the embedded
 Qwen2.5-Coder-0.5B-Instruct is used.
 """
 
@@ -33,7 +34,7 @@ from lm_eval.models.huggingface import HFLM
 from sdtp_core.embedded import resolve_pretrained
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.generate import generate
-from sdtp_core.loading import RANDOM_PRUNER, default_dtype, load_pruner
+from sdtp_core.loading import DEFAULT_MIN_PROMPT_TOKENS, RANDOM_PRUNER, default_dtype, load_pruner
 
 from .longbench.spec import NO_CHAT_TEMPLATE, is_longbench_task, uses_chat_template
 
@@ -150,7 +151,7 @@ class SDTPLM(HFLM):
         keep_ratio: float | None = None,
         layers: str | list[int] | None = None,
         truncation: str | bool = "left",
-        min_prompt_tokens: int | str = 0,
+        min_prompt_tokens: int | str = DEFAULT_MIN_PROMPT_TOKENS,
         dtype: str | None = None,
         device: str | None = None,
         **kwargs,

@@ -113,7 +113,7 @@ def test_prune_false_equals_hf_and_pruning_reports_compression(tiny_hf_dir, hf_d
             "--model",
             "sdtp",
             "--model_args",
-            f"pretrained={tiny_hf_dir},pruner=random,keep_ratio=1.0,layers=1:3,dtype=float32",
+            f"pretrained={tiny_hf_dir},pruner=random,keep_ratio=1.0,layers=1:3,min_prompt_tokens=0,dtype=float32",
             *common,
         ],
         hf_datasets_cache,
@@ -124,7 +124,7 @@ def test_prune_false_equals_hf_and_pruning_reports_compression(tiny_hf_dir, hf_d
             "--model",
             "sdtp",
             "--model_args",
-            f"pretrained={tiny_hf_dir},pruner=random,keep_ratio=0.7,layers=1:3,dtype=float32",
+            f"pretrained={tiny_hf_dir},pruner=random,keep_ratio=0.7,layers=1:3,min_prompt_tokens=0,dtype=float32",
             *common,
         ],
         hf_datasets_cache,
@@ -157,7 +157,7 @@ def test_generate_until_runs_pruned_with_middle_truncation(tiny_hf_dir, hf_datas
             "--model",
             "sdtp",
             "--model_args",
-            f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,truncation=middle,max_length=768,dtype=float32",
+            f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,min_prompt_tokens=0,truncation=middle,max_length=768,dtype=float32",
             "--tasks",
             "longbench_multi_news",
             "--limit",
@@ -181,7 +181,9 @@ def test_generate_until_runs_pruned_with_middle_truncation(tiny_hf_dir, hf_datas
 def test_embedded_model_copa_end_to_end_offline(hf_datasets_cache, tmp_path):
     data = run_lm_eval(["--model", "sdtp", "--tasks", "copa", "--limit", "20"], hf_datasets_cache, tmp_path / "copa")
     assert 0.0 <= data["results"]["copa"]["acc,none"] <= 1.0
-    assert data["config"]["sdtp"]["per_task"]["copa"]["requests"] == 40
+    report = data["config"]["sdtp"]["per_task"]["copa"]
+    assert report["requests"] == 40
+    assert report["mean_compression"] == 1.0  # default policy: COPA prompts are far below min_prompt_tokens
 
 
 @pytest.mark.shared_data
@@ -192,7 +194,7 @@ def test_batch_size_auto_use_cache_and_logged_pruning_records(tiny_hf_dir, hf_da
         "--model",
         "sdtp",
         "--model_args",
-        f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,dtype=float32",
+        f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,min_prompt_tokens=0,dtype=float32",
         "--tasks",
         f"copa,{GEN_TASK}",
         "--limit",
@@ -234,7 +236,7 @@ def test_data_parallel_gives_the_same_results(tiny_hf_dir, hf_datasets_cache, tm
         "--model",
         "sdtp",
         "--model_args",
-        f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,dtype=float32,truncation=middle",
+        f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,min_prompt_tokens=0,dtype=float32,truncation=middle",
         "--tasks",
         f"copa,{GEN_TASK}",
         "--limit",
@@ -375,7 +377,7 @@ def test_compare_runs_configurations_back_to_back(tiny_hf_dir, hf_datasets_cache
         "--run",
         "dense=sdtp:prune=false",
         "--run",
-        "pruned=sdtp:pruner=random,layers=1:3,keep_ratio=0.7",
+        "pruned=sdtp:pruner=random,layers=1:3,keep_ratio=0.7,min_prompt_tokens=0",
         "--runs-dir",
         str(tmp_path / "runs"),
         "--out",
@@ -408,3 +410,30 @@ def test_compare_rejects_a_malformed_run():
     with pytest.raises(ValueError, match="NAME=MODEL"):
         Run.parse("sdtp")
     assert Run.parse("dense=sdtp:prune=false,keep_ratio=1.0") == Run("dense", "sdtp", "prune=false,keep_ratio=1.0")
+
+
+def test_default_policy_runs_short_prompts_dense_and_prunes_long_ones(tiny_hf_dir):
+    """Default ``min_prompt_tokens``: a short prompt scores exactly as dense; a long one is pruned; 0 prunes both."""
+    from lm_eval.api.instance import Instance
+
+    from sdtp_core.loading import DEFAULT_MIN_PROMPT_TOKENS
+    from sdtp_eval.model import SDTPLM
+
+    words = "the cat sat on a mat and looked at the dog near the door".split()
+    short = " ".join(words * 2)  # far below the threshold
+    long = " ".join(words * (2 * DEFAULT_MIN_PROMPT_TOKENS // len(words)))  # well above it
+    requests = [
+        Instance("loglikelihood", {}, (ctx, " and then slept"), idx, ("copa", doc, 1))
+        for idx, (doc, ctx) in enumerate([(0, short), (1, long)])
+    ]
+    dense = SDTPLM(pretrained=str(tiny_hf_dir), prune="false", dtype="float32").loglikelihood(requests)
+    default_lm = SDTPLM(pretrained=str(tiny_hf_dir), pruner="random", layers="1:3", dtype="float32")
+    assert default_lm.engine.min_prompt_tokens == DEFAULT_MIN_PROMPT_TOKENS
+    default = default_lm.loglikelihood(requests)
+    forced = SDTPLM(
+        pretrained=str(tiny_hf_dir), pruner="random", layers="1:3", min_prompt_tokens=0, dtype="float32"
+    ).loglikelihood(requests)
+    assert default[0][0] == pytest.approx(dense[0][0], abs=1e-4)  # short: dense
+    assert default[1][0] != pytest.approx(dense[1][0], abs=1e-3)  # long: pruned
+    assert forced[0][0] != pytest.approx(dense[0][0], abs=1e-3)  # forced: short pruned too
+    assert forced[1][0] == pytest.approx(default[1][0], abs=1e-4)

@@ -16,7 +16,7 @@ from test_lm_eval_model import run_lm_eval, samples
 from sdtp_eval import tasks_dir
 from sdtp_eval.retention import heatmap, longbench_nll, needle, ruler
 
-TINY_ARGS = "pruner=random,layers=1:3,dtype=float32,max_length=4096"
+TINY_ARGS = "pruner=random,layers=1:3,min_prompt_tokens=0,dtype=float32,max_length=4096"
 NEW_TASKS = [
     "sdtp_ruler_offline",
     "sdtp_needle_depth",
