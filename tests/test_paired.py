@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sdtp_eval.retention.paired import POOLED, main
+from sdtp_eval.retention.paired import POOLED, TASK_MEAN, main
 
 
 def write_samples(directory: Path, task: str, values: dict[int, float], metric: str) -> None:
@@ -60,6 +60,23 @@ def test_lower_is_better_retention_is_the_per_token_probability_kept(tmp_path):
     )
     s = report["tasks"]["nll"]["sdtp"]
     assert s["diff"] == pytest.approx(0.3) and s["retention"] == pytest.approx(math.exp(-0.3))
+
+
+def test_task_mean_is_the_unweighted_mean_of_task_means(tmp_path):
+    """Two tasks of different sizes: the task mean weighs them equally, the pooled figure by documents."""
+    write_samples(tmp_path / "dense", "big", {d: 1.0 for d in range(8)}, "acc")
+    write_samples(tmp_path / "sdtp", "big", {d: 1.0 for d in range(8)}, "acc")  # Δ 0 on 8 documents
+    write_samples(tmp_path / "dense", "small", {0: 1.0, 1: 1.0}, "acc")
+    write_samples(tmp_path / "sdtp", "small", {0: 0.0, 1: 1.0}, "acc")  # Δ -0.5 on 2 documents
+    args = ["--metric", "acc", "--samples", f"dense={tmp_path / 'dense'}", f"sdtp={tmp_path / 'sdtp'}"]
+    report = main([*args, "--out", str(tmp_path / "r")])
+    mean = report["tasks"][TASK_MEAN]["sdtp"]
+    assert mean["tasks"] == 2 and mean["n"] == 10
+    assert mean["diff"] == pytest.approx(-0.25) and mean["mean"] == pytest.approx(0.75)
+    assert report["tasks"][POOLED]["sdtp"]["diff"] == pytest.approx(-0.1)
+    # resampling stays within each task: "big" always gives 0, "small" gives -1, -0.5 or 0 (halved)
+    assert mean["diff_ci"][0] >= -0.5 and mean["diff_ci"][1] <= 0.0
+    assert report["tasks"][TASK_MEAN]["dense"]["diff"] == 0.0
 
 
 def test_bad_input_is_named(tmp_path):

@@ -7,7 +7,8 @@ Usage::
 
 Every configuration ran the same documents (``--log_samples``), so each document gives a *paired*
 difference against the reference (the first ``--samples``, or ``--reference``). Per task and pooled over
-all tasks it reports the mean of each configuration, the mean paired difference to the reference with a
+all tasks (documents pooled, and the unweighted mean over tasks, as papers average benchmarks) it reports
+the mean of each configuration, the mean paired difference to the reference with a
 95% bootstrap interval (documents resampled, seeded) and a retention figure:
 
 * higher-is-better metrics (accuracy, exact match): mean / reference mean, with its bootstrap interval;
@@ -30,6 +31,8 @@ from pathlib import Path
 from .heatmap import parse_source, sample_files, task_of
 
 POOLED = "all tasks"
+#: Unweighted mean over tasks (as papers average benchmarks), bootstrapped within each task.
+TASK_MEAN = "task mean"
 
 
 def read_samples(path: Path, metric: str) -> dict[str, dict[int, float]]:
@@ -59,6 +62,41 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
+def task_mean_stats(by_task: list[list[tuple[float, float]]], lower_is_better: bool, reps: int, seed: int = 0) -> dict:
+    """Statistics of the unweighted mean over tasks; the bootstrap resamples documents within each task."""
+
+    def point(groups):
+        a = _mean(_mean(x for x, _ in g) for g in groups)
+        b = _mean(_mean(y for _, y in g) for g in groups)
+        return a, b
+
+    def retention(a: float, b: float) -> float:
+        if lower_is_better:
+            return math.exp(-(a - b))
+        return a / b if b else float("nan")
+
+    rng = random.Random(seed)
+    diffs, rets = [], []
+    for _ in range(reps):
+        a, b = point([[g[rng.randrange(len(g))] for _ in g] for g in by_task])
+        diffs.append(a - b)
+        rets.append(retention(a, b))
+    diffs.sort()
+    rets.sort()
+    lo, hi = int(0.025 * reps), min(reps - 1, int(0.975 * reps))
+    a, b = point(by_task)
+    return {
+        "n": sum(len(g) for g in by_task),
+        "tasks": len(by_task),
+        "mean": a,
+        "reference_mean": b,
+        "diff": a - b,
+        "diff_ci": (diffs[lo], diffs[hi]),
+        "retention": retention(a, b),
+        "retention_ci": (rets[lo], rets[hi]),
+    }
+
+
 def compare(
     runs: dict[str, dict[str, dict[int, float]]], reference: str, lower_is_better: bool, reps: int = 2000
 ) -> dict:
@@ -67,15 +105,21 @@ def compare(
     table: dict[str, dict[str, dict]] = {}
     for name, run in runs.items():
         pooled: list[tuple[float, float]] = []
+        by_task: list[list[tuple[float, float]]] = []
         for task in sorted(ref):
             if task not in run:
                 continue
             docs = sorted(set(ref[task]) & set(run[task]))
             pairs = [(run[task][d], ref[task][d]) for d in docs]
+            if not pairs:
+                continue
             pooled += pairs
+            by_task.append(pairs)
             table.setdefault(task, {})[name] = _stats(pairs, lower_is_better, reps)
         if pooled:
             table.setdefault(POOLED, {})[name] = _stats(pooled, lower_is_better, reps)
+        if len(by_task) > 1:
+            table.setdefault(TASK_MEAN, {})[name] = task_mean_stats(by_task, lower_is_better, reps)
     return table
 
 
