@@ -1,0 +1,164 @@
+"""Where a scorer loses the needle: survival and score rank of the passkey's tokens, stage by stage.
+
+For the first ``--limit`` documents of the needle depth sweep (:mod:`sdtp_eval.retention.needle`) this runs
+the pruned prefill of each ``--pruners`` scorer and follows the passkey's digit tokens through every stage:
+the fraction still kept after the stage, and (while kept) their score's percentile among the stage's
+candidates (live, unprotected tokens; 1.0 = the highest score). A scorer that answers the needle task keeps
+the digits to the last stage; the stage where they go, and how they ranked there, says why one does not::
+
+    python -m sdtp_eval.retention.needle_survival --length 2048 --limit 33 \\
+        --pruners shipped attention norm random --out results/needle_survival_2k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+@contextmanager
+def recorded_selections():
+    """Record every stage's ``(scores, valid, protected, index)`` while the engine prunes (read-only)."""
+    from sdtp_core import engine as engine_module
+
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    original = engine_module.select
+
+    def recording(scores, valid, protect, keep):
+        index, slot_valid = original(scores, valid, protect, keep)
+        calls.append((scores.float(), valid, protect & valid, index))
+        return index, slot_valid
+
+    engine_module.select = recording
+    try:
+        yield calls
+    finally:
+        engine_module.select = original
+
+
+def needle_positions(tokenizer, text: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt token ids, positions of the tokens that overlap the passkey's characters)."""
+    start = text.index(answer)
+    end = start + len(answer)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    positions = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    return enc["input_ids"], positions
+
+
+def follow(engine, ids: list[int], needle: list[int]) -> list[dict]:
+    """Per stage: the fraction of ``needle`` positions kept after it, and their mean score percentile
+    (among the stage's live unprotected tokens, while still live). One prompt, batch 1."""
+    with recorded_selections() as calls:
+        engine.prefill(torch.tensor([ids]), logits_to_keep=1, use_cache=False)
+    slot_of = {p: p for p in needle}  # original position -> slot in the current layout
+    stages = []
+    for scores, valid, protected, index in calls:
+        s, v, prot = scores[0], valid[0], protected[0]
+        candidates = v & ~prot
+        ranks = []
+        for slot in slot_of.values():
+            if candidates[slot]:
+                below = (s[candidates] < s[slot]).sum().item()
+                ranks.append(below / max(1, int(candidates.sum()) - 1))
+        kept_slots = index[0].tolist()
+        new_slot = {old: new for new, old in enumerate(kept_slots)}
+        slot_of = {p: new_slot[slot] for p, slot in slot_of.items() if slot in new_slot}
+        stages.append({"kept": len(slot_of) / len(needle), "percentile": sum(ranks) / len(ranks) if ranks else None})
+    return stages
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from sdtp_core.engine import SDTPEngine
+    from sdtp_core.loading import load_model, load_pruner
+
+    from .needle import documents
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=2048, help="prompt length of the depth sweep")
+    parser.add_argument("--limit", type=int, default=33, help="first documents (11 depths per item)")
+    parser.add_argument("--pruners", nargs="+", default=["shipped", "attention", "norm", "random"])
+    parser.add_argument("--model", default=None, help="default: the embedded model")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    docs = documents(tokenizer, args.length, items=-(-args.limit // 11))[: args.limit]
+    inputs = [needle_positions(tokenizer, d["input"], d["answer"]) + (d["depth"],) for d in docs]
+    report = {
+        "command": "python -m sdtp_eval.retention.needle_survival "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "length": args.length,
+        "documents": len(docs),
+        "dtype": args.dtype,
+        "pruners": {},
+    }
+    for spec in args.pruners:
+        pruner = load_pruner(spec, model)
+        engine = SDTPEngine(model, pruner)
+        rows = [(depth, follow(engine, ids, needle)) for ids, needle, depth in tqdm(inputs, desc=f"pruner={spec}")]
+        n_stages = len(pruner.config.layers)
+        per_stage = []
+        for s in range(n_stages):
+            ranked = [r[s]["percentile"] for _, r in rows if r[s]["percentile"] is not None]
+            per_stage.append(
+                {
+                    "layer": pruner.config.layers[s],
+                    "kept": sum(r[s]["kept"] for _, r in rows) / len(rows),
+                    "percentile": sum(ranked) / len(ranked) if ranked else None,
+                    "ranked_documents": len(ranked),
+                }
+            )
+        unprotected = [r for depth, r in rows if depth < 100]  # depth 100 sits in the protected recent tail
+        report["pruners"][spec] = {
+            "stages": per_stage,
+            "kept_to_the_end": sum(r[-1]["kept"] == 1.0 for _, r in rows) / len(rows),
+            "kept_to_the_end_depth_below_100": sum(r[-1]["kept"] == 1.0 for r in unprotected) / len(unprotected),
+        }
+    markdown = format_markdown(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return report
+
+
+def format_markdown(report: dict) -> str:
+    specs = list(report["pruners"])
+    layers = [s["layer"] for s in report["pruners"][specs[0]]["stages"]]
+    lines = [
+        f"# Needle survival at {report['length']} tokens: where each scorer loses the passkey",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"{report['documents']} documents of the depth sweep ({report['dtype']}). Per stage: the fraction of the "
+        "passkey's digit tokens still kept after the stage, and in brackets their mean score percentile among "
+        "the stage's candidates while still live (1.00 = highest score; 0.50 = what random scores give).",
+        "",
+        "| scorer | all digits kept to the end | same, needle not in the protected tail | "
+        + " | ".join(f"layer {layer}" for layer in layers)
+        + " |",
+        "|---|---:|---:|" + "---|" * len(layers),
+    ]
+    for spec in specs:
+        r = report["pruners"][spec]
+        cells = [
+            f"{s['kept']:.2f}" + (f" ({s['percentile']:.2f})" if s["percentile"] is not None else "")
+            for s in r["stages"]
+        ]
+        lines.append(
+            f"| {spec} | {r['kept_to_the_end']:.2f} | {r['kept_to_the_end_depth_below_100']:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

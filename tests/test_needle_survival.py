@@ -1,0 +1,49 @@
+"""The needle-survival probe follows tokens through the stages (a hand-made scorer as the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_pruner
+
+from sdtp_core.engine import SDTPEngine
+from sdtp_eval.retention.needle_survival import follow
+
+
+class LaterIsBetter(torch.nn.Module):
+    """Scores the live slots 0, 1, 2, ...: kept tokens stay in order, so later original positions win."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def score(self, stage, hidden_states, **context):
+        return torch.arange(hidden_states.shape[1], dtype=torch.float32).expand(hidden_states.shape[:2])
+
+
+def stages_for(needle: list[int]) -> list[dict]:
+    model = tiny_model()
+    engine = SDTPEngine(model, LaterIsBetter(tiny_pruner(model).config))  # stages keep 0.7, 0.5, 0.4 of 60
+    return follow(engine, list(range(3, 63)), needle)
+
+
+def test_a_late_needle_survives_every_stage_with_its_rank():
+    # 60 tokens: first 4 and last 6 protected, candidates 4..53. Position 50 has 46 candidates below it
+    # (of 49 others), 51 has 47: mean percentile 46.5 / 49 at the first stage.
+    stages = stages_for([50, 51])
+    assert [s["kept"] for s in stages] == [1.0, 1.0, 1.0]
+    assert stages[0]["percentile"] == pytest.approx(46.5 / 49)
+    # stage 2 candidates: the 32 kept of 4..53, i.e. 22..53; 50 and 51 have 28 and 29 below (of 31)
+    assert stages[1]["percentile"] == pytest.approx(28.5 / 31)
+
+
+def test_an_early_needle_goes_at_the_first_stage_and_has_no_rank_after():
+    stages = stages_for([5, 6])
+    assert stages[0]["kept"] == 0.0 and stages[0]["percentile"] == pytest.approx(1.5 / 49)
+    assert stages[1]["kept"] == 0.0 and stages[1]["percentile"] is None
+
+
+def test_protected_needle_tokens_are_kept_and_not_ranked():
+    stages = stages_for([57, 58])
+    assert [s["kept"] for s in stages] == [1.0, 1.0, 1.0]
+    assert all(s["percentile"] is None for s in stages)
