@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The lm_eval runs behind results/retention.md (LongBench generation) and results/table3_cpu.md (issue 11).
+#
+#   bash scripts/retention_runs.sh A & bash scripts/retention_runs.sh B &     # two lanes, one core each
+#
+# Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
+# configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
+# git); the report commands in the results files read them from there. Needs the evaluation data offline
+# (python -m sdtp_eval.data install --from ../shared/data) or Hub access.
+set -u
+RUNS=${RUNS:-runs}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # more torch threads than cores oversubscribes (see docs)
+LB=longbench_qasper_e,longbench_2wikimqa_e,longbench_multi_news_e,longbench_triviaqa_e,longbench_passage_count_e,longbench_lcc_e
+T3=(copa cb wsc wic winogrande piqa boolq mathqa)
+declare -A ARGS=(
+  [dense]="prune=false"
+  [sdtp]="pruner=shipped,min_prompt_tokens=0"
+  [attention]="pruner=attention,min_prompt_tokens=0"
+  [norm]="pruner=norm,min_prompt_tokens=0"
+  [random]="pruner=random,min_prompt_tokens=0"
+)
+mkdir -p "$RUNS/cache"
+
+lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all where fewer), 2048 tokens
+  [ -d "$RUNS/lbgen/$1" ] && return
+  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16,truncation=middle,max_length=2048" \
+    --tasks $LB --limit 30 --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$RUNS/lbgen/$1"
+}
+
+table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test split, as lm-eval scores it)
+  for task in "${T3[@]}"; do
+    [ -d "$RUNS/t3/$1/$task" ] && continue
+    lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" --tasks "$task" --batch_size 16 \
+      --log_samples --use_cache "$RUNS/cache/t3_$1_$task" --output_path "$RUNS/t3/$1/$task"
+  done
+}
+
+case ${1:-} in
+  A) lbgen dense; lbgen sdtp; lbgen random; table3 dense ;;
+  B) lbgen attention; lbgen norm; table3 attention ;;
+  *) echo "usage: $0 A|B" >&2; exit 2 ;;
+esac
