@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The lm_eval runs behind results/retention.md (LongBench generation) and results/table3_cpu.md (issue 11).
 #
-#   bash scripts/retention_runs.sh A & bash scripts/retention_runs.sh B &     # two lanes, one core each
+#   bash scripts/retention_runs.sh lbgen dense        # LongBench generation, one configuration
+#   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
+#
+# Configurations: dense, sdtp (the shipped trained pruner), attention, norm, random; pruned ones prune
+# every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
@@ -28,15 +32,18 @@ lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all whe
 }
 
 table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test split, as lm-eval scores it)
-  for task in "${T3[@]}"; do
-    [ -d "$RUNS/t3/$1/$task" ] && continue
-    lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" --tasks "$task" --batch_size 16 \
-      --log_samples --use_cache "$RUNS/cache/t3_$1_$task" --output_path "$RUNS/t3/$1/$task"
+  local name=$1; shift
+  local tasks=("$@"); [ ${#tasks[@]} -eq 0 ] && tasks=("${T3[@]}")
+  for task in "${tasks[@]}"; do
+    [ -d "$RUNS/t3/$name/$task" ] && continue
+    lm_eval --model sdtp --model_args "${ARGS[$name]},dtype=bfloat16" --tasks "$task" --batch_size 16 \
+      --log_samples --use_cache "$RUNS/cache/t3_${name}_$task" --output_path "$RUNS/t3/$name/$task"
   done
 }
 
-case ${1:-} in
-  A) lbgen dense; lbgen sdtp; lbgen random; table3 dense ;;
-  B) lbgen attention; lbgen norm; table3 attention ;;
-  *) echo "usage: $0 A|B" >&2; exit 2 ;;
-esac
+job=${1:-}; shift || true
+if [ "$job" != lbgen ] && [ "$job" != table3 ] || [ -z "${ARGS[${1:-none}]:-}" ]; then
+  echo "usage: $0 lbgen|table3 dense|sdtp|attention|norm|random [table3 tasks...]" >&2
+  exit 2
+fi
+"$job" "$@"
