@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pruners", nargs="+", default=["shipped", "attention", "norm", "random"])
     parser.add_argument("--model", default=None, help="default: the embedded model")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md")
+    parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
     args = parser.parse_args(argv)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     docs = documents(tokenizer, args.length, items=-(-args.limit // 11))[: args.limit]
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     args.out.with_suffix(".md").write_text(markdown)
+    plot(report, args.out.with_suffix(".png"))
     print(markdown)
     return report
 
@@ -158,6 +159,29 @@ def format_markdown(report: dict) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Two panels over the stage layers: passkey tokens kept, and their score percentile while live."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kept_ax, rank_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for spec, r in report["pruners"].items():
+        layers = [s["layer"] for s in r["stages"]]
+        kept_ax.plot(layers, [s["kept"] for s in r["stages"]], marker="o", label=spec)
+        ranked = [(s["layer"], s["percentile"]) for s in r["stages"] if s["percentile"] is not None]
+        rank_ax.plot([x for x, _ in ranked], [y for _, y in ranked], marker="o", label=spec)
+    kept_ax.set(xlabel="stage layer", ylabel="passkey tokens kept after the stage", ylim=(-0.05, 1.05))
+    rank_ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    rank_ax.set(xlabel="stage layer", ylabel="score percentile among candidates", ylim=(-0.05, 1.05))
+    kept_ax.legend(fontsize=8)
+    fig.suptitle(f"Needle survival at {report['length']} tokens ({report['documents']} documents)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
