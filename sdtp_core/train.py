@@ -55,6 +55,7 @@ class TrainConfig:
     saliency_dir: str | None = None
     format: str = "auto"
     text_prompt_fraction: float = 0.75
+    distractor_tokens: int = 0
     max_samples: int | None = None
     max_length: int = 512
     dtype: str = "auto"
@@ -115,6 +116,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.distractor_tokens < 0:
+            raise TrainConfigError(f"--distractor-tokens must be >= 0, got {self.distractor_tokens}")
         if self.max_samples is not None and self.max_samples < 1:
             raise TrainConfigError(f"--max-samples must be >= 1, got {self.max_samples}")
         for name in ("lr", "tau"):
@@ -168,6 +171,8 @@ HELP = {
     "('instruction\\n\\ncontext\\n\\n' + response + EOS) or 'auto' (chat if the tokenizer has a template)",
     "text_prompt_fraction": "for 'text' records: the leading fraction of tokens that is the prunable prompt; the "
     "rest is the scored target",
+    "distractor_tokens": "long-input training: hide each instruction record's context among other records' "
+    "contexts until the passages reach about N tokens, the instruction after them (0: off; raise --max-length)",
     "max_samples": "use only the first N records of the data",
     "max_length": "truncate samples to this many tokens (prompt middle-truncated, target kept >= 1/4)",
     "dtype": "compute dtype of the frozen model: auto (bfloat16 on GPU, float32 on CPU, where bfloat16 matmuls "
@@ -318,6 +323,7 @@ def saliency_meta(cfg: TrainConfig, model_config, model_name: str, layers: list[
         "format": cfg.format,
         "max_length": cfg.max_length,
         "text_prompt_fraction": cfg.text_prompt_fraction,
+        **({"distractor_tokens": cfg.distractor_tokens} if cfg.distractor_tokens else {}),  # old stores lack it
         "loss": "mean next-token cross-entropy over the response (target) tokens",
         "saliency": "sum over hidden of dL/dh * h at the input of each layer",
     }
@@ -587,7 +593,16 @@ def run(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     model, tokenizer, model_name = load_model_and_tokenizer(cfg, accelerator.device)
     pcfg = pruner_config(cfg, model.config)  # validates --layers / --keep-ratio against the model
-    examples = load_examples(cfg.data, tokenizer, cfg.format, cfg.max_length, cfg.max_samples, cfg.text_prompt_fraction)
+    examples = load_examples(
+        cfg.data,
+        tokenizer,
+        cfg.format,
+        cfg.max_length,
+        cfg.max_samples,
+        cfg.text_prompt_fraction,
+        distractor_tokens=cfg.distractor_tokens,
+        seed=cfg.seed,
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,10 @@ Every sample becomes a *prompt* (the tokens the pruner may drop, as in a pruned 
 * text records (``text``): the first ``text_prompt_fraction`` of the tokens are the prompt, the rest
   the target.
 
+Long inputs (``distractor_tokens``, :func:`with_distractors`): each instruction record's context is
+hidden among other records' contexts and the instruction moves after them, as in LongBench prompts
+(the question after a long context).
+
 Sources: a local ``.jsonl`` / ``.json`` file (records as above), a local ``.txt`` file (one sample per
 blank-line separated block), or a Hugging Face Hub dataset id (its ``train`` split).
 """
@@ -17,6 +21,7 @@ blank-line separated block), or a Hugging Face Hub dataset id (its ``train`` spl
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +116,10 @@ def split_record(record: dict, tokenizer, fmt: str) -> tuple[str, str] | None:
     if "instruction" not in record or "response" not in record:
         raise TrainDataError(f"record has fields {sorted(record)}; expected instruction/context/response or text")
     instruction, context = str(record["instruction"]).strip(), str(record.get("context") or "").strip()
-    user = f"{instruction}\n\n{context}" if context else instruction
+    if context and record.get("question_last"):
+        user = f"{context}\n\n{instruction}"
+    else:
+        user = f"{instruction}\n\n{context}" if context else instruction
     response = str(record["response"]).strip()
     if fmt == "chat":
         messages = [{"role": "user", "content": user}]
@@ -121,6 +129,37 @@ def split_record(record: dict, tokenizer, fmt: str) -> tuple[str, str] | None:
             raise TrainDataError("the chat template does not extend the prompt with the answer; use --format plain")
         return prompt, full[len(prompt) :]
     return f"{user}\n\n", response + (tokenizer.eos_token or "")
+
+
+def with_distractors(records: list[dict], tokenizer, tokens: int, seed: int = 0) -> list[dict]:
+    """Long-input versions of the instruction records: the record's own context (if any) is put at a random
+    place among other records' contexts (distractor passages, drawn from the same training data) until the
+    passages total about ``tokens`` tokens; the instruction comes after them (``question_last``). Text
+    records pass unchanged. Deterministic for a given ``seed``."""
+    instructions = [(i, r) for i, r in enumerate(records) if isinstance(r, dict) and "instruction" in r]
+    pool = [(i, str(r.get("context") or "").strip()) for i, r in instructions]
+    pool = [(i, text) for i, text in pool if text]
+    if not pool:
+        raise TrainDataError("distractor passages need instruction records with a non-empty context")
+    sizes = {i: len(tokenizer(text, add_special_tokens=False)["input_ids"]) for i, text in pool}
+    out = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or "instruction" not in record:
+            out.append(record)
+            continue
+        rng = random.Random(f"sdtp-distractors:{seed}:{i}")
+        own = str(record.get("context") or "").strip()
+        passages, used = [], sizes.get(i, 0)
+        for j in rng.sample(range(len(pool)), len(pool)):
+            if used >= tokens:
+                break
+            if pool[j][0] != i:
+                passages.append(pool[j][1])
+                used += sizes[pool[j][0]]
+        if own:
+            passages.insert(rng.randint(0, len(passages)), own)
+        out.append({**record, "context": "\n\n".join(passages), "question_last": True})
+    return out
 
 
 def _middle_truncate(ids: list[int], budget: int) -> list[int]:
@@ -170,11 +209,14 @@ def load_examples(
     max_samples: int | None = None,
     text_prompt_fraction: float = 0.75,
     skip: int = 0,
+    distractor_tokens: int = 0,
+    seed: int = 0,
 ) -> list[Example]:
     """Load, format and tokenize a training set. Raises :class:`TrainDataError` if nothing usable remains.
 
     ``skip`` leaves out the first records (e.g. to evaluate on records a training run did not use);
-    sample ids stay the records' indices in the full source.
+    sample ids stay the records' indices in the full source. ``distractor_tokens`` > 0 turns instruction
+    records into long inputs (:func:`with_distractors`, seeded by ``seed``).
     """
     if max_length < 8:
         raise TrainDataError(f"max_length {max_length} is too small (need at least 8 tokens)")
@@ -182,6 +224,10 @@ def load_examples(
         raise TrainDataError(f"text_prompt_fraction {text_prompt_fraction} is outside (0, 1)")
     fmt = resolve_format(fmt, tokenizer)
     records = load_records(data, max_samples, skip)
+    if distractor_tokens < 0:
+        raise TrainDataError(f"distractor_tokens must be >= 0, got {distractor_tokens}")
+    if distractor_tokens:
+        records = with_distractors(records, tokenizer, distractor_tokens, seed)
     examples = []
     for i, record in enumerate(records, start=skip):
         if not isinstance(record, dict):

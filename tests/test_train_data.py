@@ -7,7 +7,14 @@ import json
 import pytest
 from test_train_fixtures import char_tokenizer
 
-from sdtp_core.train_data import TrainDataError, collate, encode_record, load_examples, load_records
+from sdtp_core.train_data import (
+    TrainDataError,
+    collate,
+    encode_record,
+    load_examples,
+    load_records,
+    with_distractors,
+)
 
 
 @pytest.mark.shared_data
@@ -79,3 +86,33 @@ def test_evaluation_sets_and_missing_files_are_refused(tmp_path):
     empty.write_text(json.dumps({"instruction": "x", "context": "", "response": ""}) + "\n")
     with pytest.raises(TrainDataError, match="no usable sample"):
         load_examples(str(empty), char_tokenizer())
+
+
+def test_distractors_hide_the_own_context_among_others_and_put_the_question_last(tmp_path):
+    tok = char_tokenizer()
+    records = [
+        {"instruction": f"Question {i}?", "context": f"passage number {i} " * 3, "response": f"answer {i}"}
+        for i in range(12)
+    ] + [{"instruction": "No context?", "context": "", "response": "fine"}, {"text": "plain text record"}]
+    long = with_distractors(records, tok, tokens=150, seed=7)
+    assert long == with_distractors(records, tok, tokens=150, seed=7)  # deterministic
+    assert long != with_distractors(records, tok, tokens=150, seed=8)
+    assert long[-1] == records[-1]  # text records pass unchanged
+    for before, after in zip(records[:12], long[:12]):
+        passages = after["context"].split("\n\n")
+        assert passages.count(before["context"].strip()) == 1  # its own passage, exactly once
+        assert sum(len(p) for p in passages) >= 150 and len(passages) >= 3
+        assert all(p.strip() == p and p in {r["context"].strip() for r in records[:12]} for p in passages)
+    assert long[12]["context"] and "No context" in long[12]["instruction"]  # only distractors
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records[:12]))
+    e = load_examples(str(path), tok, fmt="plain", max_length=400, distractor_tokens=150, seed=7)[3]
+    prompt = tok.decode(e.ids[: e.prompt_len])
+
+    def text(s: str) -> str:  # as the character tokenizer decodes it
+        return tok.decode(tok(s)["input_ids"])
+
+    assert prompt.endswith(text("Question 3?\n\n"))  # the question after the passages
+    assert prompt.index(text("passage number 3")) < prompt.index(text("Question 3?"))
+    with pytest.raises(TrainDataError, match="non-empty context"):
+        with_distractors([{"instruction": "a", "response": "b"}], tok, tokens=10)
