@@ -16,8 +16,10 @@ Extra ``model_args`` (besides everything HFLM accepts): ``pruner`` (a pruner dir
 ``attention``, ``norm`` or ``random``), ``prune`` (true/false), ``keep_ratio`` (r), ``layers`` (stage
 layers separated by ``:``, e.g. ``4:8:12``), ``truncation`` (``left`` or ``middle``),
 ``min_prompt_tokens`` (shorter prompts run dense; default
-:data:`sdtp_core.loading.DEFAULT_MIN_PROMPT_TOKENS`, ``0`` prunes every prompt). Without ``pretrained`` the embedded
-Qwen2.5-Coder-0.5B-Instruct is used.
+:data:`sdtp_core.loading.DEFAULT_MIN_PROMPT_TOKENS`, ``0`` prunes every prompt), ``press`` and
+``press_ratio`` (a kvpress press compressing the KV cache for generation, alone with ``prune=false`` or
+after SDTP's pruned prefill: :mod:`sdtp_eval.peers.kvpress_presses`, the ``peers`` extra). Without
+``pretrained`` the embedded Qwen2.5-Coder-0.5B-Instruct is used.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import functools
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from lm_eval.api.registry import register_model
@@ -152,6 +155,8 @@ class SDTPLM(HFLM):
         layers: str | list[int] | None = None,
         truncation: str | bool = "left",
         min_prompt_tokens: int | str = DEFAULT_MIN_PROMPT_TOKENS,
+        press: str | None = None,
+        press_ratio: float | str = 0.5,
         dtype: str | None = None,
         device: str | None = None,
         **kwargs,
@@ -160,6 +165,7 @@ class SDTPLM(HFLM):
             raise ValueError(f"truncation must be 'left' or 'middle', got {truncation!r}")
         self.truncation_mode = truncation if truncation in ("left", "middle") else "left"
         self.prune = _as_bool(prune)
+        self.press, self.press_ratio = _as_press(press, press_ratio)
         layers = _as_layers(layers)
         cpu_world = int(os.environ.get("WORLD_SIZE", "1")) if not torch.cuda.is_available() else 1
         keep_ratio = None if keep_ratio is None else float(keep_ratio)
@@ -209,6 +215,11 @@ class SDTPLM(HFLM):
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        if self.press:
+            raise ValueError(
+                f"press={self.press} compresses the KV cache that generation reads; loglikelihood requests are "
+                "scored in one pass with no cache to compress. Run loglikelihood tasks without press."
+            )
         self._request_keys = _keys_by(requests, lambda req: req.args)
         try:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
@@ -278,14 +289,16 @@ class SDTPLM(HFLM):
             self._record(keys, result, b)
         return logits
 
-    def _record(self, keys: list[tuple[str, int, int]], result, b: int, seconds=None) -> None:
-        """Add row ``b`` of a prefill to the per-task report and to each request's sample record."""
+    def _record(self, keys: list[tuple[str, int, int]], result, b: int, seconds=None, press=None) -> None:
+        """Add row ``b`` of a prefill to the per-task report and to each request's sample record (with the
+        press's KV figures when a press ran)."""
         task = keys[0][0] if keys else "unknown"
         self.stats.add(task, result, [b], seconds=seconds)
         record = {
             "prompt_tokens": int(result.lengths[b]),
             "kept_per_stage": [int(result.kept_counts[b, layer]) for layer in self.stats.stage_layers],
             "compression": round(float(result.compression[b]), 4),
+            **(press or {}),
         }
         for task, doc_id, idx in dict.fromkeys(keys):
             self.sample_records[(task, doc_id)].append((idx, record))
@@ -351,6 +364,8 @@ class SDTPLM(HFLM):
         return ids, mask
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if self.press:
+            return self._press_generate(context, max_length, **generation_kwargs)
         if not self.prune:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         # lm-eval's greedy convention, as HFLM._model_generate applies it before model.generate.
@@ -376,6 +391,49 @@ class SDTPLM(HFLM):
         for b, row_keys in enumerate(keys):
             self._record(row_keys, out.prefill, b, seconds=(out.prefill_seconds, out.total_seconds))
         return torch.cat([context, out.sequences.to(context.device)], dim=1)
+
+    def _press_generate(self, context, max_length, **generation_kwargs):
+        """Greedy generation with a kvpress press (kvpress's protocol: one prompt, press active during the
+        prefill), alone (``prune=false``) or after SDTP's pruned prefill. Stop strings are applied by
+        lm-eval to the text afterwards, as for every model."""
+        from sdtp_core.generate import UnsupportedGenerationError
+
+        from .peers.kvpress_presses import run_press, run_sdtp_press
+
+        if context.shape[0] != 1:
+            raise ValueError(f"press={self.press} runs one prompt at a time: use --batch_size 1")
+        kwargs = dict(generation_kwargs)
+        mask = kwargs.pop("attention_mask", None)
+        if kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0) not in (0, 0.0, None):
+            raise UnsupportedGenerationError(f"press={self.press} decodes greedily (do_sample=false, temperature 0)")
+        ids = context if mask is None else context[:, mask[0].bool()]
+        common = {
+            "press": self.press,
+            "compression_ratio": self.press_ratio,
+            "max_new_tokens": max(1, max_length - context.shape[1]),
+            "eos_token_id": self.model.generation_config.eos_token_id,
+        }
+        run = run_sdtp_press(self.engine, ids, **common) if self.prune else run_press(self.model, ids, **common)
+        processed = torch.tensor([run.processed_lengths], dtype=torch.float)
+        result = _PressPrefill(
+            lengths=torch.tensor([run.prompt_length]),
+            kept_counts=processed,
+            compression=torch.tensor([run.prompt_length / float(processed.mean())]),
+        )
+        keys = self._batch_keys[0] if len(self._batch_keys) == 1 else []
+        self._record(
+            keys,
+            result,
+            0,
+            seconds=(run.prefill_seconds, run.total_seconds),
+            press={
+                "press": run.method,
+                "press_ratio": run.compression_ratio,
+                "kv_entries_per_layer": round(sum(run.cache_lengths) / len(run.cache_lengths), 2),
+                "kv_cache_bytes": run.kv_cache_bytes,
+            },
+        )
+        return torch.cat([context, run.sequences.to(context.device)], dim=1)
 
     # ------------------------------------------------------------------ reporting
     def _gather_stats(self) -> None:
@@ -415,6 +473,8 @@ class SDTPLM(HFLM):
             "schedule": self.pruner_module.config.to_dict() if self.pruner_module else None,
             "truncation": self.truncation_mode,
             "min_prompt_tokens": self.engine.min_prompt_tokens if self.engine else None,
+            "press": self.press,
+            "press_ratio": self.press_ratio if self.press else None,
             "per_task": summary,
         }
         if summary:
@@ -425,6 +485,29 @@ class SDTPLM(HFLM):
             )
             logger.info("sdtp pruning (prune=%s): %s", self.prune, parts)
         return info
+
+
+@dataclass
+class _PressPrefill:
+    """The fields of a prefill result the report reads, for a generation run through a kvpress press."""
+
+    lengths: torch.Tensor
+    kept_counts: torch.Tensor
+    compression: torch.Tensor
+
+
+def _as_press(press, ratio) -> tuple[str | None, float]:
+    """Validated ``(press name, ratio)``; kvpress must be importable when a press is named."""
+    if press in (None, "", "none", "None"):
+        return None, float(ratio)
+    from .peers.kvpress_presses import _kvpress, press_name
+
+    name = press_name(str(press))
+    ratio = float(ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"press_ratio is the fraction of KV pairs removed, in [0, 1); got {ratio}")
+    _kvpress()  # a clear install hint now rather than at the first generation request
+    return name, ratio
 
 
 def _keys_by(requests, key) -> dict:

@@ -339,6 +339,21 @@ def test_lm_eval_without_model_args_runs_longbench_on_the_embedded_model(hf_data
     assert "longbench_narrativeqa" in results_json(tmp_path / "out")["results"]
 
 
+def test_press_args_are_checked_before_loading(tiny_hf_dir):
+    from sdtp_eval.model import SDTPLM
+
+    with pytest.raises(ValueError, match="unknown press"):
+        SDTPLM(pretrained=str(tiny_hf_dir), press="zip")
+    try:
+        import kvpress  # noqa: F401
+    except ImportError:  # the main environment: the peers extra is missing, and the error says how to get it
+        with pytest.raises(ImportError, match="separate environment"):
+            SDTPLM(pretrained=str(tiny_hf_dir), press="knorm")
+    else:
+        with pytest.raises(ValueError, match="press_ratio"):
+            SDTPLM(pretrained=str(tiny_hf_dir), press="knorm", press_ratio=1.5)
+
+
 def test_bad_model_args_give_clear_errors(tiny_hf_dir):
     from sdtp_eval.model import SDTPLM
 

@@ -139,6 +139,44 @@ def test_bad_requests_fail_clearly(kvp):
         kvp.build_press("nope", 0.5)
 
 
+@pytest.mark.parametrize("prune", [False, True])
+def test_lm_eval_model_with_a_press_generates_what_the_adapters_generate(kvp, tiny_hf_dir, prune):
+    """``--model sdtp --model_args press=knorm,...`` gives the adapters' own greedy tokens and logs the KV sizes."""
+    from lm_eval.api.instance import Instance
+
+    from sdtp_eval.model import SDTPLM
+
+    lm = SDTPLM(
+        pretrained=str(tiny_hf_dir),
+        prune=prune,
+        pruner="random",
+        layers="1:3",
+        min_prompt_tokens=0,
+        press="knorm",
+        press_ratio=0.5,
+        dtype="float32",
+    )
+    text = " ".join(["the cat sat on a mat near the door"] * 12)
+    gen = {"until": [], "max_gen_toks": 6, "do_sample": False}
+    out = lm.generate_until([Instance("generate_until", {}, (text, gen), 0, ("probe", 0, 1))])
+    ids = torch.tensor([lm.tok_encode(text)])
+    eos = lm.model.generation_config.eos_token_id
+    if prune:
+        ref = kvp.run_sdtp_press(lm.engine, ids, "knorm", 0.5, max_new_tokens=6, eos_token_id=eos)
+    else:
+        ref = kvp.run_press(lm.model, ids, "knorm", 0.5, max_new_tokens=6, eos_token_id=eos)
+    assert out == [lm.tok_decode(ref.sequences[0].tolist())]
+    (record,) = [r for _, r in lm.sample_records[("probe", 0)]]
+    assert record["prompt_tokens"] == ids.shape[1] and record["press"] == ("sdtp+knorm" if prune else "knorm")
+    assert record["kv_entries_per_layer"] == pytest.approx(sum(ref.cache_lengths) / len(ref.cache_lengths), abs=0.005)
+    assert record["kv_entries_per_layer"] <= ids.shape[1] / 2
+    assert (record["compression"] > 1.0) == prune
+    info = lm.get_model_info()["sdtp"]
+    assert info["press"] == "knorm" and info["press_ratio"] == 0.5
+    with pytest.raises(ValueError, match="without press"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("a b", " c"), 0, ("probe", 1, 1))])
+
+
 # ------------------------------------------------------------------------------------------- LLMLingua
 
 
