@@ -38,6 +38,8 @@ METRICS = ("acc", "acc_norm", "score", "exact_match")
 #: The child process writes its load / evaluation timings to the file this variable names.
 TIMING_ENV = "SDTP_COMPARE_TIMING"
 TIMING_FILE = "sdtp_compare_timing.json"
+#: A finished run's record, next to its lm-eval output (what ``--resume`` reuses).
+RUN_FILE = "sdtp_compare_run.json"
 _CHILD = "from sdtp_eval.compare import timed_lm_eval; timed_lm_eval()"
 
 
@@ -205,13 +207,32 @@ def _float(value) -> float | None:
 
 
 def execute(run: Run, args: argparse.Namespace, defaults: dict[str, str], runs_dir: Path) -> dict:
-    """Run one configuration in a fresh ``lm_eval`` process and collect what it measured."""
+    """Run one configuration in a fresh ``lm_eval`` process and collect what it measured.
+
+    With ``--resume`` a finished run with the same lm-eval arguments is reused as it is, and an unfinished
+    one continues from lm-eval's request cache (``--use_cache``): its wall time then covers only the
+    last part and the report marks it ``resumed``.
+    """
     out = runs_dir / run.name
+    model_args = with_defaults(run.model_args, defaults)
+    lm_args = lm_eval_args(run, args, model_args, out)
+    cache = runs_dir / f"{run.name}.cache"
+    if args.resume:
+        lm_args += ["--use_cache", str(cache)]
+        finished = out / RUN_FILE
+        if finished.exists():
+            record = json.loads(finished.read_text())
+            if record["command"] != "lm_eval " + shlex.join(lm_args):
+                raise SystemExit(
+                    f"{out} holds run {run.name!r} with other settings:\n  {record['command']}\nRemove it or use "
+                    "another --runs-dir."
+                )
+            print(f"[{run.name}] finished earlier: reusing {out}", flush=True)
+            return record
+    resumed = args.resume and any(runs_dir.glob(f"{run.name}.cache*"))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    model_args = with_defaults(run.model_args, defaults)
-    lm_args = lm_eval_args(run, args, model_args, out)
     cmd = [sys.executable, "-c", _CHILD, *lm_args]
     print(f"[{run.name}] lm_eval {shlex.join(lm_args)}", flush=True)
     start = time.perf_counter()
@@ -226,11 +247,12 @@ def execute(run: Run, args: argparse.Namespace, defaults: dict[str, str], runs_d
         f"[{run.name}] {wall:.1f} s (load {_fmt_s(load)} s, evaluation {_fmt_s(evaluation)} s)",
         flush=True,
     )
-    return {
+    record = {
         "name": run.name,
         "model": run.model,
         "model_args": model_args,
         "command": "lm_eval " + shlex.join(lm_args),
+        "resumed": resumed,
         "process": shlex.join(cmd),
         "wall_seconds": wall,
         "load_seconds": load,
@@ -244,15 +266,18 @@ def execute(run: Run, args: argparse.Namespace, defaults: dict[str, str], runs_d
         "n_samples": {t: v.get("effective", v.get("original")) for t, v in results.get("n-samples", {}).items()},
         "sdtp": results.get("config", {}).get("sdtp"),
     }
+    (out / RUN_FILE).write_text(json.dumps(record, indent=2))
+    return record
 
 
 def add_ratios(runs: list[dict]) -> None:
     """Wall and evaluation time of every run relative to the first run."""
     first = runs[0]
     for r in runs:
-        r["wall_ratio_to_first"] = r["wall_seconds"] / first["wall_seconds"]
+        partial = r.get("resumed") or first.get("resumed")  # a resumed run's times cover only its last part
+        r["wall_ratio_to_first"] = None if partial else r["wall_seconds"] / first["wall_seconds"]
         e, e0 = r.get("evaluation_seconds"), first.get("evaluation_seconds")
-        r["evaluation_ratio_to_first"] = e / e0 if e is not None and e0 else None
+        r["evaluation_ratio_to_first"] = e / e0 if e is not None and e0 and not partial else None
 
 
 # ---------------------------------------------------------------- report
@@ -316,7 +341,8 @@ def format_markdown(report: dict) -> str:
     ]
     for r in runs:
         lines.append(
-            f"| {r['name']} | {r['model']} | `{r['model_args']}` | {r['wall_seconds']:.1f} | "
+            f"| {r['name']} | {r['model']} | `{r['model_args']}` | {r['wall_seconds']:.1f}"
+            f"{' (resumed)' if r.get('resumed') else ''} | "
             f"{_fmt_s(r.get('load_seconds'))} | {_fmt_s(r.get('evaluation_seconds'))} | "
             f"{_fmt_ratio(r.get('wall_ratio_to_first'))} | {_fmt_ratio(r.get('evaluation_ratio_to_first'))} |"
         )
@@ -403,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", default=None, help="model for every run (default: the embedded model)")
     parser.add_argument("--dtype", default=None, help="dtype for every run (default: the sdtp model's default)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="where each run's lm-eval output goes")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished runs in --runs-dir and continue unfinished ones from lm-eval's request cache",
+    )
     return parser
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +85,7 @@ def test_keys():
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(tasks="copa", batch_size="4", num_fewshot=None, limit=None, gen_kwargs=None)
+    base = dict(tasks="copa", batch_size="4", num_fewshot=None, limit=None, gen_kwargs=None, resume=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -198,3 +200,30 @@ def test_timed_lm_eval_times_model_construction_and_evaluate(tmp_path, monkeypat
 @pytest.mark.parametrize("value", ["3.5", 3.5])
 def test_float(value):
     assert C._float(value) == 3.5 and C._float(None) is None and C._float("N/A") is None
+
+
+def test_resume_reuses_finished_runs_and_continues_unfinished_ones(tmp_path, monkeypatch):
+    """--resume: a finished run is not run again; an unfinished one reruns with lm-eval's request cache."""
+    calls = []
+
+    def fake_run(cmd, env):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--output_path") + 1])
+        results = {"results": {"copa": {"acc,none": 0.5}}, "n-shot": {"copa": 0}, "n-samples": {}, "config": {}}
+        (out / "m").mkdir(parents=True, exist_ok=True)
+        (out / "m" / "results_1.json").write_text(json.dumps(results))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(C.subprocess, "run", fake_run)
+    run = C.Run("dense", "sdtp", "prune=false")
+    args = _args(resume=True)
+    (tmp_path / "dense.cache_rank0.db").write_text("")  # lm-eval's cache of an earlier, killed attempt
+    first = C.execute(run, args, {"dtype": "float32"}, tmp_path)
+    assert len(calls) == 1 and "--use_cache" in calls[0] and first["resumed"] is True
+    assert C.execute(run, args, {"dtype": "float32"}, tmp_path) == first and len(calls) == 1  # reused
+    with pytest.raises(SystemExit, match="other settings"):
+        C.execute(C.Run("dense", "sdtp", "prune=false,keep_ratio=0.5"), args, {"dtype": "float32"}, tmp_path)
+    fresh = C.execute(run, _args(resume=False), {"dtype": "float32"}, tmp_path)  # without --resume: run again
+    assert len(calls) == 2 and "--use_cache" not in calls[1] and fresh["resumed"] is False
+    C.add_ratios([first, fresh])
+    assert fresh["wall_ratio_to_first"] is None  # times of a resumed run are partial: no ratio
