@@ -3,6 +3,7 @@
 #
 #   bash scripts/retention_runs.sh lbgen dense        # LongBench generation, one configuration
 #   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
+#   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #
 # Configurations: dense, sdtp (the shipped trained pruner), attention, norm, random; pruned ones prune
 # every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
@@ -41,9 +42,17 @@ table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test 
   done
 }
 
+ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), one length
+  local out="$RUNS/ruler$2/$1"
+  [ -d "$out" ] && return
+  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" --tasks sdtp_ruler_offline \
+    --metadata "{\"max_seq_lengths\":[$2]}" --limit 20 --log_samples --use_cache "$RUNS/cache/ruler$2_$1" \
+    --output_path "$out"
+}
+
 job=${1:-}; shift || true
-if [ "$job" != lbgen ] && [ "$job" != table3 ] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3 dense|sdtp|attention|norm|random [table3 tasks...]" >&2
+if [[ ! "$job" =~ ^(lbgen|table3|ruler)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
+  echo "usage: $0 lbgen|table3|ruler dense|sdtp|attention|norm|random [table3 tasks... | ruler length]" >&2
   exit 2
 fi
 "$job" "$@"
