@@ -5,8 +5,9 @@
 #   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #
-# Configurations: dense, sdtp (the shipped trained pruner), attention, norm, random; pruned ones prune
-# every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
+# Configurations: dense, default (the package's defaults, spelled out: attention scorer, prompts under 256
+# tokens dense), sdtp (the shipped trained pruner), attention, norm, random; these last four prune every
+# prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
@@ -19,6 +20,7 @@ LB=longbench_qasper_e,longbench_2wikimqa_e,longbench_multi_news_e,longbench_triv
 T3=(copa cb wsc wic winogrande piqa boolq mathqa)
 declare -A ARGS=(
   [dense]="prune=false"
+  [default]="pruner=attention,min_prompt_tokens=256"
   [sdtp]="pruner=shipped,min_prompt_tokens=0"
   [attention]="pruner=attention,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
@@ -52,7 +54,7 @@ ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), o
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler dense|sdtp|attention|norm|random [table3 tasks... | ruler length]" >&2
+  echo "usage: $0 lbgen|table3|ruler dense|default|sdtp|attention|norm|random [table3 tasks... | ruler length]" >&2
   exit 2
 fi
 "$job" "$@"
