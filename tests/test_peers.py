@@ -227,3 +227,34 @@ def test_llmlingua_compresses_to_a_target_on_a_tiny_model(lingua, tiny_hf_dir):
     assert out.seconds > 0 and out.text
     half = lingua.compress(compressor, text, rate=0.5)
     assert out.compressed_tokens < half.compressed_tokens < half.origin_tokens
+
+
+def test_lm_eval_model_with_llmlingua_generates_from_the_compressed_prompt(lingua, tiny_hf_dir):
+    """``compress=llmlingua``: the model generates from LLMLingua's text (same tokens as HFLM on that text)
+    and each logged sample carries the compressor's cost and token counts, merged with the pruning record."""
+    from lm_eval.api.instance import Instance
+
+    from sdtp_eval.model import SDTPLM
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    text = " ".join(f"{words[i % 12]} number {i} is {words[(i * 7) % 12]}." for i in range(60))
+    gen = {"until": [], "max_gen_toks": 5, "do_sample": False}
+    common = {"pretrained": str(tiny_hf_dir), "dtype": "float32", "compress_model": str(tiny_hf_dir)}
+    lm = SDTPLM(prune=False, compress="llmlingua", compress_rate=0.5, **common)
+    out = lm.generate_until([Instance("generate_until", {}, (text, gen), 0, ("probe", 0, 1))])
+    compressed = lingua.compress(lm.compressor, text, rate=0.5).text  # deterministic: the same text again
+    assert compressed != text
+    dense = SDTPLM(prune=False, **common)
+    assert out == dense.generate_until([Instance("generate_until", {}, (compressed, gen), 0, ("probe", 0, 1))])
+    samples = {"probe": [{"doc_id": 0}]}
+    lm.annotate_samples(samples)
+    (record,) = samples["probe"][0]["sdtp"]
+    assert record["compressor"] == "llmlingua" and record["compressor_seconds"] > 0
+    assert record["compressor_tokens_after"] < record["compressor_tokens_before"]
+    pruned = SDTPLM(pruner="random", layers="1:3", min_prompt_tokens=0, compress="llmlingua", **common)
+    pruned.generate_until([Instance("generate_until", {}, (text, gen), 0, ("probe", 0, 1))])
+    pruned.annotate_samples(samples)
+    (record,) = samples["probe"][0]["sdtp"]
+    assert "compressor_seconds" in record and record["compression"] > 1.0  # both stages in one record
+    with pytest.raises(ValueError, match="without compress"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("a b", " c"), 0, ("probe", 1, 1))])
