@@ -89,7 +89,8 @@ def _read_local(path: Path) -> list[dict]:
             raise TrainDataError(f"{path} must hold a JSON list of records")
         return data
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): U+2028, U+0085 and the like occur inside JSON strings
+    for n, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))

@@ -79,6 +79,16 @@ def test_task_mean_is_the_unweighted_mean_of_task_means(tmp_path):
     assert report["tasks"][TASK_MEAN]["dense"]["diff"] == 0.0
 
 
+def test_samples_with_unicode_line_separators_inside_strings_are_read(tmp_path):
+    """lm-eval writes samples with ensure_ascii=False: U+2028 / U+0085 inside a string are not line ends."""
+    rows = [{"doc_id": d, "score": 0.5, "doc": {"context": "a\u2028b\x85c\x1cd"}} for d in range(3)]
+    (tmp_path / "a").mkdir()
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    (tmp_path / "a" / "samples_t_2026-12-02T00-00-00.jsonl").write_text(text, encoding="utf-8")
+    report = main(["--metric", "score", "--samples", f"a={tmp_path / 'a'}", "--out", str(tmp_path / "r")])
+    assert report["tasks"]["t"]["a"]["n"] == 3
+
+
 def test_bad_input_is_named(tmp_path):
     write_samples(tmp_path / "a", "t", {0: 1.0}, "acc")
     with pytest.raises(ValueError, match="no sample .* has the metric 'f1'"):

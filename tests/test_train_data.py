@@ -116,3 +116,10 @@ def test_distractors_hide_the_own_context_among_others_and_put_the_question_last
     assert prompt.index(text("passage number 3")) < prompt.index(text("Question 3?"))
     with pytest.raises(TrainDataError, match="non-empty context"):
         with_distractors([{"instruction": "a", "response": "b"}], tok, tokens=10)
+
+
+def test_jsonl_records_may_hold_unicode_line_separators(tmp_path):
+    records = [{"instruction": "Q\u2028?", "context": "x\x85y", "response": "a\u2029b"} for _ in range(2)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    assert load_records(str(path)) == records

@@ -55,7 +55,7 @@ def read_scores(files: list[Path]) -> dict[tuple[int, int], list[float]]:
     """Per-sample ``exact_match`` grouped by (length, depth) of the document."""
     cells: dict[tuple[int, int], list[float]] = defaultdict(list)
     for file in files:
-        for line in file.read_text(encoding="utf-8").splitlines():
+        for line in file.read_text(encoding="utf-8").split("\n"):
             if not line.strip():
                 continue
             row = json.loads(line)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
-    docs = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs = [json.loads(line) for line in args.data.read_text(encoding="utf-8").split("\n") if line.strip()]
     docs = docs[: args.limit]
     report = {
         "command": "python -m sdtp_eval.retention.option_survival "

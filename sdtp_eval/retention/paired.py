@@ -40,7 +40,7 @@ def read_samples(path: Path, metric: str) -> dict[str, dict[int, float]]:
     values: dict[str, dict[int, float]] = {}
     for file in sample_files(path, "samples_*.jsonl"):
         task = task_of(file)
-        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line.strip()]
         scored = {int(r["doc_id"]): float(r[metric]) for r in rows if metric in r}
         if scored:
             values[task] = scored
