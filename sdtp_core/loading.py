@@ -10,7 +10,7 @@ import torch
 from . import fingerprint
 from .embedded import resolve_pretrained
 from .pruner import TokenPruner
-from .scorers import TRAINING_FREE, training_free
+from .scorers import is_training_free, training_free
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -124,7 +124,8 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     ``spec`` is a pruner directory; ``"shipped"`` (the pruner shipped for this model: an error if none
     fits its architecture, a warning if its weights differ from the model it was trained on);
     ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
-    ``"attention"`` or ``"norm"`` (training-free scorers, :mod:`sdtp_core.scorers`); or ``None``
+    ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens) or ``"norm"`` (training-free
+    scorers, :mod:`sdtp_core.scorers`); or ``None``
     (:data:`DEFAULT_PRUNER`, for every model).
     ``layers`` / ``keep_ratio`` override the schedule; with a trained pruner only a keep ratio change
     is allowed (its scorers are tied to their layers).
@@ -144,7 +145,7 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
         pruner = TokenPruner.for_model(model, layers=layers, **kwargs)
         pruner.source = RANDOM_PRUNER
         return pruner
-    if spec in TRAINING_FREE:
+    if is_training_free(spec):
         scorer = training_free(spec, PrunerConfig.for_model(model.config, layers=layers, **kwargs))
         scorer.source = spec
         return scorer

@@ -81,10 +81,20 @@ class AttentionScorer(nn.Module):
         return (per_query * live_queries[:, :, None]).sum(1) / live_queries.sum(1, keepdim=True).clamp(min=1)
 
 
-def training_free(kind: str, config: PrunerConfig) -> nn.Module:
-    """A training-free scorer by name (``attention`` or ``norm``) for the schedule ``config``."""
-    if kind == "norm":
+def is_training_free(spec: str) -> bool:
+    """Whether ``spec`` names a training-free scorer (``norm``, ``attention`` or ``attention:WINDOW``)."""
+    return spec.partition(":")[0] in TRAINING_FREE
+
+
+def training_free(spec: str, config: PrunerConfig) -> nn.Module:
+    """A training-free scorer by name for the schedule ``config``: ``norm``, ``attention`` (window 8) or
+    ``attention:W`` (the attention of the last ``W`` tokens)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "norm" and not arg:
         return NormScorer(config)
     if kind == "attention":
-        return AttentionScorer(config)
-    raise ValueError(f"unknown training-free scorer {kind!r}; use one of {TRAINING_FREE}")
+        try:
+            return AttentionScorer(config, window=int(arg)) if arg else AttentionScorer(config)
+        except ValueError as e:
+            raise ValueError(f"attention:W needs a positive integer window, got {spec!r}") from e
+    raise ValueError(f"unknown training-free scorer {spec!r}; use one of {TRAINING_FREE} (attention:W for a window)")

@@ -185,7 +185,7 @@ def test_attention_scorer_equals_the_layers_own_attention_weights(arch):
     assert got_padded[0, :3].abs().max() == 0
 
 
-@pytest.mark.parametrize("kind", ["attention", "norm", "random"])
+@pytest.mark.parametrize("kind", ["attention", "attention:32", "norm", "random"])
 def test_training_free_scorers_run_at_the_same_schedule(kind):
     from sdtp_core.loading import load_pruner
 
@@ -196,3 +196,14 @@ def test_training_free_scorers_run_at_the_same_schedule(kind):
     out = SDTPEngine(model, scorer).prefill(ids)
     assert out.kept_counts.tolist() == SDTPEngine(model, reference).prefill(ids).kept_counts.tolist()
     assert scorer.source == kind
+
+
+def test_attention_window_is_chosen_by_name_and_bad_names_fail():
+    from sdtp_core.loading import load_pruner
+
+    model = tiny_model()
+    assert load_pruner("attention", model, layers=[1, 3]).window == 8
+    assert load_pruner("attention:64", model, layers=[1, 3]).window == 64
+    for bad in ("attention:0", "attention:x", "norm:3"):
+        with pytest.raises(ValueError, match="window|unknown training-free"):
+            load_pruner(bad, model, layers=[1, 3])
