@@ -6,8 +6,8 @@
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #
 # Configurations: dense, default (the package's defaults, spelled out: attention scorer, prompts under 256
-# tokens dense), sdtp (the shipped trained pruner), attention, norm, random; these last four prune every
-# prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
+# tokens dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead
+# of 8), norm, random; these last five prune every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
@@ -23,6 +23,7 @@ declare -A ARGS=(
   [default]="pruner=attention,min_prompt_tokens=256"
   [sdtp]="pruner=shipped,min_prompt_tokens=0"
   [attention]="pruner=attention,min_prompt_tokens=0"
+  [attention64]="pruner=attention:64,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [random]="pruner=random,min_prompt_tokens=0"
 )
@@ -54,7 +55,7 @@ ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), o
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler dense|default|sdtp|attention|norm|random [table3 tasks... | ruler length]" >&2
+  echo "usage: $0 lbgen|table3|ruler dense|default|sdtp|attention|attention64|norm|random [table3 tasks... | ruler length]" >&2
   exit 2
 fi
 "$job" "$@"
