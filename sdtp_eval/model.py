@@ -437,8 +437,11 @@ class SDTPLM(HFLM):
             raise ValueError(f"press={self.press} runs one prompt at a time: use --batch_size 1")
         kwargs = dict(generation_kwargs)
         mask = kwargs.pop("attention_mask", None)
-        if kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0) not in (0, 0.0, None):
-            raise UnsupportedGenerationError(f"press={self.press} decodes greedily (do_sample=false, temperature 0)")
+        if kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0) not in (0, 0.0, None) or kwargs:
+            raise UnsupportedGenerationError(
+                f"press={self.press} decodes greedily (do_sample=false, temperature 0) and takes no other generation "
+                f"settings; got {sorted(generation_kwargs)}"
+            )
         ids = context if mask is None else context[:, mask[0].bool()]
         common = {
             "press": self.press,

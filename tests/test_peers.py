@@ -173,6 +173,11 @@ def test_lm_eval_model_with_a_press_generates_what_the_adapters_generate(kvp, ti
     assert (record["compression"] > 1.0) == prune
     info = lm.get_model_info()["sdtp"]
     assert info["press"] == "knorm" and info["press_ratio"] == 0.5
+    from sdtp_core.generate import UnsupportedGenerationError
+
+    sampled = {"until": [], "max_gen_toks": 2, "do_sample": True, "temperature": 0.7}
+    with pytest.raises(UnsupportedGenerationError, match="greedily"):
+        lm.generate_until([Instance("generate_until", {}, (text, sampled), 0, ("probe", 2, 1))])
     with pytest.raises(ValueError, match="without press"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("a b", " c"), 0, ("probe", 1, 1))])
 
