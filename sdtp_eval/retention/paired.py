@@ -49,52 +49,17 @@ def read_samples(path: Path, metric: str) -> dict[str, dict[int, float]]:
     return values
 
 
-def bootstrap(pairs: list[tuple[float, float]], stat, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of ``stat(pairs)`` over ``reps`` resamples of the pairs."""
+def bootstrap(groups: list[list[tuple[float, float]]], stat, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of ``stat(groups)`` over ``reps`` resamples, each group (task) of pairs
+    resampled within itself (one group: the plain bootstrap over documents)."""
     rng = random.Random(seed)
-    n = len(pairs)
-    draws = sorted(stat([pairs[rng.randrange(n)] for _ in range(n)]) for _ in range(reps))
+    draws = sorted(stat([[g[rng.randrange(len(g))] for _ in g] for g in groups]) for _ in range(reps))
     return draws[int(0.025 * reps)], draws[min(reps - 1, int(0.975 * reps))]
 
 
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
-
-
-def task_mean_stats(by_task: list[list[tuple[float, float]]], lower_is_better: bool, reps: int, seed: int = 0) -> dict:
-    """Statistics of the unweighted mean over tasks; the bootstrap resamples documents within each task."""
-
-    def point(groups):
-        a = _mean(_mean(x for x, _ in g) for g in groups)
-        b = _mean(_mean(y for _, y in g) for g in groups)
-        return a, b
-
-    def retention(a: float, b: float) -> float:
-        if lower_is_better:
-            return math.exp(-(a - b))
-        return a / b if b else float("nan")
-
-    rng = random.Random(seed)
-    diffs, rets = [], []
-    for _ in range(reps):
-        a, b = point([[g[rng.randrange(len(g))] for _ in g] for g in by_task])
-        diffs.append(a - b)
-        rets.append(retention(a, b))
-    diffs.sort()
-    rets.sort()
-    lo, hi = int(0.025 * reps), min(reps - 1, int(0.975 * reps))
-    a, b = point(by_task)
-    return {
-        "n": sum(len(g) for g in by_task),
-        "tasks": len(by_task),
-        "mean": a,
-        "reference_mean": b,
-        "diff": a - b,
-        "diff_ci": (diffs[lo], diffs[hi]),
-        "retention": retention(a, b),
-        "retention_ci": (rets[lo], rets[hi]),
-    }
 
 
 def compare(
@@ -115,32 +80,40 @@ def compare(
                 continue
             pooled += pairs
             by_task.append(pairs)
-            table.setdefault(task, {})[name] = _stats(pairs, lower_is_better, reps)
+            table.setdefault(task, {})[name] = _stats([pairs], lower_is_better, reps)
         if pooled:
-            table.setdefault(POOLED, {})[name] = _stats(pooled, lower_is_better, reps)
+            table.setdefault(POOLED, {})[name] = _stats([pooled], lower_is_better, reps)
         if len(by_task) > 1:
-            table.setdefault(TASK_MEAN, {})[name] = task_mean_stats(by_task, lower_is_better, reps)
+            table.setdefault(TASK_MEAN, {})[name] = {**_stats(by_task, lower_is_better, reps), "tasks": len(by_task)}
     return table
 
 
-def _stats(pairs: list[tuple[float, float]], lower_is_better: bool, reps: int) -> dict:
-    def diff(ps):
-        return _mean(a - b for a, b in ps)
+def _stats(groups: list[list[tuple[float, float]]], lower_is_better: bool, reps: int) -> dict:
+    """Mean, reference mean, Δ and retention of the unweighted mean over ``groups`` (one group: over its
+    documents), with bootstrap intervals."""
 
-    def retention(ps):
+    def means(gs) -> tuple[float, float]:
+        return _mean(_mean(a for a, _ in g) for g in gs), _mean(_mean(b for _, b in g) for g in gs)
+
+    def diff(gs):
+        a, b = means(gs)
+        return a - b
+
+    def retention(gs):
+        a, b = means(gs)
         if lower_is_better:
-            return math.exp(-diff(ps))
-        ref_mean = _mean(b for _, b in ps)
-        return _mean(a for a, _ in ps) / ref_mean if ref_mean else float("nan")
+            return math.exp(-(a - b))
+        return a / b if b else float("nan")
 
+    mean, reference_mean = means(groups)
     return {
-        "n": len(pairs),
-        "mean": _mean(a for a, _ in pairs),
-        "reference_mean": _mean(b for _, b in pairs),
-        "diff": diff(pairs),
-        "diff_ci": bootstrap(pairs, diff, reps),
-        "retention": retention(pairs),
-        "retention_ci": bootstrap(pairs, retention, reps),
+        "n": sum(len(g) for g in groups),
+        "mean": mean,
+        "reference_mean": reference_mean,
+        "diff": diff(groups),
+        "diff_ci": bootstrap(groups, diff, reps),
+        "retention": retention(groups),
+        "retention_ci": bootstrap(groups, retention, reps),
     }
 
 
