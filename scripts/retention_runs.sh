@@ -4,10 +4,12 @@
 #   bash scripts/retention_runs.sh lbgen dense        # LongBench generation, one configuration
 #   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
+#   bash scripts/retention_runs.sh needle dense 2k 55 # the needle depth sweep, first 55 documents (5 per depth)
 #
 # Configurations: dense, default (the package's defaults, spelled out: attention scorer, prompts under 256
 # tokens dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead
-# of 8), norm, random; these last five prune every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
+# of 8), pooled (window 64, scores max-pooled over 31 slots), norm, random; these last six prune every
+# prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
@@ -24,6 +26,7 @@ declare -A ARGS=(
   [sdtp]="pruner=shipped,min_prompt_tokens=0"
   [attention]="pruner=attention,min_prompt_tokens=0"
   [attention64]="pruner=attention:64,min_prompt_tokens=0"
+  [pooled]="pruner=attention:64:31,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [random]="pruner=random,min_prompt_tokens=0"
 )
@@ -53,9 +56,16 @@ ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), o
     --output_path "$out"
 }
 
+needle() {  # the needle depth sweep at one length (1k, 2k, 4k): the first LIMIT documents (11 depths each)
+  local out="$RUNS/needle$2/$1"
+  [ -d "$out" ] && return
+  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" --tasks "sdtp_needle_depth_$2" --limit "$3" \
+    --log_samples --use_cache "$RUNS/cache/needle$2_$1" --output_path "$out"
+}
+
 job=${1:-}; shift || true
-if [[ ! "$job" =~ ^(lbgen|table3|ruler)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler dense|default|sdtp|attention|attention64|norm|random [table3 tasks... | ruler length]" >&2
+if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
+  echo "usage: $0 lbgen|table3|ruler|needle dense|default|sdtp|attention|attention64|pooled|norm|random [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"

@@ -8,6 +8,9 @@ must beat:
 * ``attention``: the attention the most recent tokens pay to each token in the stage layer, averaged
   over heads and over the last ``window`` tokens (as FastV / LazyLLM rank tokens); computed with the
   stage layer's own q/k projections and RoPE on its input, i.e. what that layer would attend to.
+  With ``pool`` > 1 each token then takes the highest score within ``pool // 2`` slots on either side
+  (SnapKV's pooling of attention scores, here a max), so a span the queries attend to anywhere is kept
+  whole: a 7-digit number is 7 tokens, and dropping any one of them loses it.
 
 (``random``, an untrained seeded scorer MLP, is built by :meth:`TokenPruner.for_model`.)
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import PrunerConfig
@@ -36,14 +40,18 @@ class NormScorer(nn.Module):
 
 
 class AttentionScorer(nn.Module):
-    """Scores each token by the attention it receives from the last ``window`` tokens in the stage layer."""
+    """Scores each token by the attention it receives from the last ``window`` tokens in the stage layer,
+    max-pooled over ``pool`` neighbouring slots (``pool=1``: no pooling)."""
 
-    def __init__(self, config: PrunerConfig, window: int = 8):
+    def __init__(self, config: PrunerConfig, window: int = 8, pool: int = 1):
         super().__init__()
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        if pool < 1 or pool % 2 == 0:
+            raise ValueError(f"pool must be a positive odd number, got {pool}")
         self.config = config
         self.window = window
+        self.pool = pool
 
     def score(
         self,
@@ -55,10 +63,11 @@ class AttentionScorer(nn.Module):
         valid: torch.Tensor,
         **context,
     ) -> torch.Tensor:
-        """(batch, k) mean attention probability each slot receives; padding slots score 0.
+        """(batch, k) mean attention probability each slot receives (max-pooled over ``pool`` slots).
 
         Slots are right-aligned (see :mod:`sdtp_core.selection`): the last ``window`` slots are the most
         recent tokens, and causal order between slots is causal order between original positions.
+        Padding slots receive no attention; the pooled score a live slot takes never comes from padding.
         """
         attn = layer.self_attn
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -78,23 +87,34 @@ class AttentionScorer(nn.Module):
         probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
         live_queries = valid[:, -m:].float()  # (batch, m): a padding query contributes nothing
         per_query = probs.mean(1)  # over heads -> (batch, m, k)
-        return (per_query * live_queries[:, :, None]).sum(1) / live_queries.sum(1, keepdim=True).clamp(min=1)
+        scores = (per_query * live_queries[:, :, None]).sum(1) / live_queries.sum(1, keepdim=True).clamp(min=1)
+        if self.pool > 1:  # padding slots score 0 and attention is >= 0, so they never win a live slot's max
+            scores = F.max_pool1d(scores[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0]
+            scores = scores.masked_fill(~valid, 0.0)
+        return scores
 
 
 def is_training_free(spec: str) -> bool:
-    """Whether ``spec`` names a training-free scorer (``norm``, ``attention`` or ``attention:WINDOW``)."""
+    """Whether ``spec`` names a training-free scorer (``norm``, ``attention``, ``attention:W`` or ``attention:W:P``)."""
     return spec.partition(":")[0] in TRAINING_FREE
 
 
 def training_free(spec: str, config: PrunerConfig) -> nn.Module:
-    """A training-free scorer by name for the schedule ``config``: ``norm``, ``attention`` (window 8) or
-    ``attention:W`` (the attention of the last ``W`` tokens)."""
+    """A training-free scorer by name for the schedule ``config``: ``norm``, ``attention`` (window 8, no
+    pooling), ``attention:W`` (the attention of the last ``W`` tokens) or ``attention:W:P`` (also
+    max-pooled over ``P`` neighbouring slots, ``P`` odd)."""
     kind, _, arg = spec.partition(":")
     if kind == "norm" and not arg:
         return NormScorer(config)
     if kind == "attention":
+        parts = arg.split(":") if arg else []
         try:
-            return AttentionScorer(config, window=int(arg)) if arg else AttentionScorer(config)
+            if len(parts) > 2:
+                raise ValueError("too many fields")
+            values = [int(p) for p in parts]
+            return AttentionScorer(config, *values)
         except ValueError as e:
-            raise ValueError(f"attention:W needs a positive integer window, got {spec!r}") from e
+            raise ValueError(
+                f"attention:W[:P] needs a positive integer window W and a positive odd pool P, got {spec!r} ({e})"
+            ) from e
     raise ValueError(f"unknown training-free scorer {spec!r}; use one of {TRAINING_FREE} (attention:W for a window)")

@@ -185,7 +185,45 @@ def test_attention_scorer_equals_the_layers_own_attention_weights(arch):
     assert got_padded[0, :3].abs().max() == 0
 
 
-@pytest.mark.parametrize("kind", ["attention", "attention:32", "norm", "random"])
+def test_pooled_attention_scorer_takes_the_neighbourhood_maximum_and_ignores_padding():
+    """attention:W:P equals the unpooled scores max-pooled by hand over P slots; padding gets 0 and lends nothing."""
+    from sdtp_core.scorers import AttentionScorer
+
+    model = tiny_model(attn="eager")
+    layer = model.model.layers[2]
+    torch.manual_seed(1)
+    pad, n, window, pool = 3, 15, 4, 5
+    hidden = torch.randn(1, pad + n, 64)
+    rope = model.model.rotary_emb(hidden, torch.arange(pad + n).unsqueeze(0))
+    valid = torch.tensor([[False] * pad + [True] * n])
+    kwargs = dict(layer=layer, position_embeddings=rope, valid=valid)
+    with torch.no_grad():
+        plain = AttentionScorer(None, window=window).score(2, hidden, **kwargs)[0]
+        pooled = AttentionScorer(None, window=window, pool=pool).score(2, hidden, **kwargs)[0]
+    live = plain[pad:]
+    expected = torch.stack([live[max(0, i - pool // 2) : i + pool // 2 + 1].max() for i in range(n)])
+    torch.testing.assert_close(pooled[pad:], expected)
+    assert pooled[:pad].abs().max() == 0
+    assert bool((pooled[pad:] >= live).all()) and not torch.equal(pooled[pad:], live)
+
+
+def test_pooling_keeps_the_span_around_the_attended_token_whole():
+    """A hand-made case: one token gets all the attention; with pool 5 its 2 neighbours on each side share its
+    score, so a stage keeping 5 of 20 candidates keeps exactly that span (unpooled, only the token is sure)."""
+    from sdtp_core.selection import select
+
+    scores = torch.full((1, 20), 0.01)
+    scores[0, 9] = 1.0
+    scores[0, ::3] += 0.001  # scattered noise that must not beat the span
+    pooled = torch.nn.functional.max_pool1d(scores[:, None], 5, stride=1, padding=2)[:, 0]
+    valid = torch.ones(1, 20, dtype=torch.bool)
+    slots, _ = select(pooled, valid, torch.zeros_like(valid), torch.tensor([5]))
+    assert slots[0].tolist() == [7, 8, 9, 10, 11]
+    slots, _ = select(scores, valid, torch.zeros_like(valid), torch.tensor([5]))
+    assert 9 in slots[0].tolist() and slots[0].tolist() != [7, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("kind", ["attention", "attention:32", "attention:8:31", "norm", "random"])
 def test_training_free_scorers_run_at_the_same_schedule(kind):
     from sdtp_core.loading import load_pruner
 
@@ -204,6 +242,8 @@ def test_attention_window_is_chosen_by_name_and_bad_names_fail():
     model = tiny_model()
     assert load_pruner("attention", model, layers=[1, 3]).window == 8
     assert load_pruner("attention:64", model, layers=[1, 3]).window == 64
-    for bad in ("attention:0", "attention:x", "norm:3"):
+    scorer = load_pruner("attention:64:31", model, layers=[1, 3])
+    assert (scorer.window, scorer.pool) == (64, 31)
+    for bad in ("attention:0", "attention:x", "norm:3", "attention:8:4", "attention:8:0", "attention:8:3:1"):
         with pytest.raises(ValueError, match="window|unknown training-free"):
             load_pruner(bad, model, layers=[1, 3])
