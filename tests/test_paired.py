@@ -11,9 +11,11 @@ import pytest
 from sdtp_eval.retention.paired import POOLED, TASK_MEAN, main
 
 
-def write_samples(directory: Path, task: str, values: dict[int, float], metric: str) -> None:
+def write_samples(
+    directory: Path, task: str, values: dict[int, float], metric: str, hashes: dict[int, str] | None = None
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [{"doc_id": d, metric: v, "doc": {}} for d, v in values.items()]
+    rows = [{"doc_id": d, metric: v, "doc": {}, "doc_hash": (hashes or {}).get(d, f"h{d}")} for d, v in values.items()]
     (directory / f"samples_{task}_2026-12-02T00-00-00.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
 
@@ -96,4 +98,36 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(SystemExit):
         main(
             ["--metric", "acc", "--samples", f"a={tmp_path / 'a'}", "--reference", "zzz", "--out", str(tmp_path / "r")]
+        )
+
+
+def test_a_committed_report_stands_in_for_its_runs(tmp_path):
+    """OUT.json keeps each run's per-document values: pairing a new run against the report's reference gives
+    the same statistics as pairing against the reference's lm-eval outputs."""
+    write_samples(tmp_path / "dense", "t", {0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0}, "acc")
+    write_samples(tmp_path / "old", "t", {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}, "acc")
+    write_samples(tmp_path / "new", "t", {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0}, "acc")
+    first = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'dense'}", f"old={tmp_path / 'old'}",
+                  "--out", str(tmp_path / "first")])  # fmt: skip
+    assert first["documents"]["old"]["t"]["0"] == [0.0, "h0"]
+    direct = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'dense'}", f"new={tmp_path / 'new'}",
+                   "--out", str(tmp_path / "direct")])  # fmt: skip
+    via_report = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'first.json'}",
+                       f"before={tmp_path / 'first.json'}:old", f"new={tmp_path / 'new'}",
+                       "--out", str(tmp_path / "via")])  # fmt: skip
+    assert via_report["tasks"]["t"]["new"] == direct["tasks"]["t"]["new"]
+    assert via_report["tasks"]["t"]["before"] == first["tasks"]["t"]["old"]
+    with pytest.raises(ValueError, match="no run 'zzz'"):
+        main(["--metric", "acc", "--samples", f"zzz={tmp_path / 'first.json'}", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="reports the metric 'acc', not 'f1'"):
+        main(["--metric", "f1", "--samples", f"dense={tmp_path / 'first.json'}", "--out", str(tmp_path / "x")])
+
+
+def test_documents_that_differ_under_the_same_doc_id_are_refused(tmp_path):
+    """Generated data (RULER's haystacks) must be the same documents in both runs to be paired."""
+    write_samples(tmp_path / "a", "t", {0: 1.0, 1: 1.0}, "acc")
+    write_samples(tmp_path / "b", "t", {0: 1.0, 1: 0.0}, "acc", hashes={0: "h0", 1: "other"})
+    with pytest.raises(ValueError, match=r"run 'b' task 't': documents \[1\] are not the documents of 'a'"):
+        main(
+            ["--metric", "acc", "--samples", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--out", str(tmp_path / "r")]
         )

@@ -15,7 +15,13 @@ the mean of each configuration, the mean paired difference to the reference with
 * ``--lower-is-better`` metrics measured in nats per token (answer NLL): ``exp(-Δ)``, the fraction of the
   reference's per-token answer probability (geometric mean) that the configuration keeps.
 
-Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (differences with their intervals).
+A document counts as the same in two runs when its ``doc_id`` and lm-eval's ``doc_hash`` agree; a run
+whose document differs (data regenerated differently, another limit or seed) is refused by name.
+
+Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (differences with their intervals). ``OUT.json`` keeps
+every run's per-document values, so a later run can be paired against a committed report without the
+lm-eval outputs it came from: ``--samples dense=results/OLD.json`` takes run ``dense`` from that report
+(``LABEL=REPORT.json:RUN`` takes run ``RUN`` under the new label).
 """
 
 from __future__ import annotations
@@ -35,18 +41,56 @@ POOLED = "all tasks"
 TASK_MEAN = "task mean"
 
 
-def read_samples(path: Path, metric: str) -> dict[str, dict[int, float]]:
-    """``{task: {doc_id: value}}`` from an lm-eval output directory (newest samples file per task) or a file."""
-    values: dict[str, dict[int, float]] = {}
+Run = dict[str, dict[int, float]]
+"""``{task: {doc_id: value}}``"""
+
+
+def read_samples(path: Path, metric: str, label: str | None = None) -> tuple[Run, dict[str, dict[int, str]]]:
+    """``({task: {doc_id: value}}, {task: {doc_id: doc_hash}})`` from an lm-eval output directory (newest
+    samples file per task), a samples file, or a report of this tool (``REPORT.json`` or ``REPORT.json:RUN``;
+    the run is ``label`` when not named)."""
+    report_path, _, run_name = str(path).partition(".json:")
+    if str(path).endswith(".json") or run_name:
+        return _read_report(Path(report_path if run_name else path).with_suffix(".json"), run_name or label, metric)
+    values: Run = {}
+    hashes: dict[str, dict[int, str]] = {}
     for file in sample_files(path, "samples_*.jsonl"):
         task = task_of(file)
         rows = [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line.strip()]
         scored = {int(r["doc_id"]): float(r[metric]) for r in rows if metric in r}
         if scored:
             values[task] = scored
+            hashes[task] = {int(r["doc_id"]): r["doc_hash"] for r in rows if metric in r and "doc_hash" in r}
     if not values:
         raise ValueError(f"no sample under {path} has the metric {metric!r}")
-    return values
+    return values, hashes
+
+
+def _read_report(path: Path, run: str | None, metric: str) -> tuple[Run, dict[str, dict[int, str]]]:
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if report.get("metric") != metric:
+        raise ValueError(f"{path} reports the metric {report.get('metric')!r}, not {metric!r}")
+    documents = report.get("documents")
+    if not documents:
+        raise ValueError(f"{path} has no per-document values (written before they were kept)")
+    if run not in documents:
+        raise ValueError(f"{path} has no run {run!r}; it has {sorted(documents)}")
+    values = {task: {int(d): v for d, (v, _) in docs.items()} for task, docs in documents[run].items()}
+    hashes = {task: {int(d): h for d, (_, h) in docs.items() if h} for task, docs in documents[run].items()}
+    return values, hashes
+
+
+def check_same_documents(hashes: dict[str, dict[str, dict[int, str]]], reference: str) -> None:
+    """Refuse a run whose document ``doc_id`` differs from the reference's (by lm-eval's ``doc_hash``)."""
+    ref = hashes[reference]
+    for name, run in hashes.items():
+        for task, docs in run.items():
+            differ = sorted(d for d, h in docs.items() if d in ref.get(task, {}) and ref[task][d] != h)
+            if differ:
+                raise ValueError(
+                    f"run {name!r} task {task!r}: documents {differ[:5]}{' ...' if len(differ) > 5 else ''} are not "
+                    f"the documents of {reference!r} with the same doc_id (doc_hash differs): they cannot be paired"
+                )
 
 
 def bootstrap(groups: list[list[tuple[float, float]]], stat, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -177,7 +221,12 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", nargs="+", required=True, help="LABEL=DIR|FILE, one per configuration")
+    parser.add_argument(
+        "--samples",
+        nargs="+",
+        required=True,
+        help="LABEL=DIR|FILE|REPORT.json[:RUN], one per configuration (a report: that run's per-document values)",
+    )
     parser.add_argument("--metric", required=True, help="per-sample metric key, e.g. acc, exact_match, nll_per_token")
     parser.add_argument("--lower-is-better", action="store_true")
     parser.add_argument("--reference", help="label of the reference run (default: the first)")
@@ -191,7 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     reference = args.reference or labels[0]
     if reference not in labels:
         parser.error(f"--reference {reference!r} is not one of {labels}")
-    runs = {label: read_samples(path, args.metric) for label, path in sources}
+    read = {label: read_samples(path, args.metric, label) for label, path in sources}
+    runs = {label: values for label, (values, _) in read.items()}
+    check_same_documents({label: hashes for label, (_, hashes) in read.items()}, reference)
     report = {
         "command": "python -m sdtp_eval.retention.paired " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "metric": args.metric,
@@ -200,6 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": labels,
         "bootstrap_reps": args.bootstrap,
         "tasks": compare(runs, reference, args.lower_is_better, args.bootstrap),
+        "documents": {
+            label: {
+                task: {str(d): [v, read[label][1].get(task, {}).get(d)] for d, v in sorted(docs.items())}
+                for task, docs in values.items()
+            }
+            for label, values in runs.items()
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
