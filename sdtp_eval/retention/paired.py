@@ -49,9 +49,11 @@ def read_samples(path: Path, metric: str, label: str | None = None) -> tuple[Run
     """``({task: {doc_id: value}}, {task: {doc_id: doc_hash}})`` from an lm-eval output directory (newest
     samples file per task), a samples file, or a report of this tool (``REPORT.json`` or ``REPORT.json:RUN``;
     the run is ``label`` when not named)."""
-    report_path, _, run_name = str(path).partition(".json:")
-    if str(path).endswith(".json") or run_name:
-        return _read_report(Path(report_path if run_name else path).with_suffix(".json"), run_name or label, metric)
+    report, _, run = str(path).rpartition(".json:")
+    if report:
+        return _read_report(Path(report + ".json"), run, metric)
+    if path.suffix == ".json":
+        return _read_report(path, label, metric)
     values: Run = {}
     hashes: dict[str, dict[int, str]] = {}
     for file in sample_files(path, "samples_*.jsonl"):
