@@ -117,4 +117,7 @@ def training_free(spec: str, config: PrunerConfig) -> nn.Module:
             raise ValueError(
                 f"attention:W[:P] needs a positive integer window W and a positive odd pool P, got {spec!r} ({e})"
             ) from e
-    raise ValueError(f"unknown training-free scorer {spec!r}; use one of {TRAINING_FREE} (attention:W for a window)")
+    raise ValueError(
+        f"unknown training-free scorer {spec!r}; use one of {TRAINING_FREE} "
+        "(attention:W[:P] for a query window W and pooling P)"
+    )
