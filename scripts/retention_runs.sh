@@ -8,8 +8,9 @@
 #
 # Configurations: dense, default (the package's defaults, spelled out: attention scorer, prompts under 256
 # tokens dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead
-# of 8), pooled (window 64, scores max-pooled over 31 slots), norm, random; these last six prune every
-# prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
+# of 8), pooled (window 64, scores max-pooled over 31 slots), late_pooled (pooled, with 8 stages from
+# layer 8 at keep 0.835 instead of 10 from layer 4 at 0.9: the same 1/tau 1.53), norm, random; these last
+# seven prune every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
@@ -27,6 +28,7 @@ declare -A ARGS=(
   [attention]="pruner=attention,min_prompt_tokens=0"
   [attention64]="pruner=attention:64,min_prompt_tokens=0"
   [pooled]="pruner=attention:64:31,min_prompt_tokens=0"
+  [late_pooled]="pruner=attention:64:31,layers=8:10:12:14:16:18:20:22,keep_ratio=0.835,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [random]="pruner=random,min_prompt_tokens=0"
 )
@@ -65,7 +67,7 @@ needle() {  # the needle depth sweep at one length (1k, 2k, 4k): the first LIMIT
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle dense|default|sdtp|attention|attention64|pooled|norm|random [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|ruler|needle dense|default|sdtp|attention|attention64|pooled|late_pooled|norm|random [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"
