@@ -5,12 +5,15 @@
 #   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #   bash scripts/retention_runs.sh needle dense 2k 55 # the needle depth sweep, first 55 documents (5 per depth)
+#   bash scripts/retention_runs.sh nll dense          # LongBench answer NLL, 46 answers at 2048 tokens
 #
 # Configurations: dense, default (the package's defaults, spelled out: attention scorer, prompts under 256
 # tokens dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead
 # of 8), pooled (window 64, scores max-pooled over 31 slots), late_pooled (pooled, with 8 stages from
-# layer 8 at keep 0.835 instead of 10 from layer 4 at 0.9: the same 1/tau 1.53), norm, random; these last
-# seven prune every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
+# layer 8 at keep 0.835 instead of 10 from layer 4 at 0.9: the same 1/tau 1.53), long (a pruner trained
+# on long inputs, directory $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh
+# ablations), long_norank and long_lm_only (its Tables 4/5 ablations), norm, random; these last ten prune
+# every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
@@ -29,6 +32,9 @@ declare -A ARGS=(
   [attention64]="pruner=attention:64,min_prompt_tokens=0"
   [pooled]="pruner=attention:64:31,min_prompt_tokens=0"
   [late_pooled]="pruner=attention:64:31,layers=8:10:12:14:16:18:20:22,keep_ratio=0.835,min_prompt_tokens=0"
+  [long]="pruner=${LONG_PRUNER:-$RUNS/train_long/pruner},min_prompt_tokens=0"
+  [long_norank]="pruner=$RUNS/train_long_norank/pruner,min_prompt_tokens=0"
+  [long_lm_only]="pruner=$RUNS/train_long_lm_only/pruner,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [random]="pruner=random,min_prompt_tokens=0"
 )
@@ -65,9 +71,16 @@ needle() {  # the needle depth sweep at one length (1k, 2k, 4k): the first LIMIT
     --log_samples --use_cache "$RUNS/cache/needle$2_$1" --output_path "$out"
 }
 
+nll() {  # LongBench answer NLL: first 20 rows of narrativeqa, qasper, hotpotqa_e (46 answers), 2048 tokens
+  [ -d "$RUNS/nll/$1" ] && return
+  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" \
+    --tasks longbench_nll_narrativeqa,longbench_nll_qasper,longbench_nll_hotpotqa_e --limit 20 --log_samples \
+    --use_cache "$RUNS/cache/nll_$1" --output_path "$RUNS/nll/$1"
+}
+
 job=${1:-}; shift || true
-if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle dense|default|sdtp|attention|attention64|pooled|late_pooled|norm|random [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
+  echo "usage: $0 lbgen|table3|ruler|needle|nll dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|norm|random [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"

@@ -47,3 +47,42 @@ def test_protected_needle_tokens_are_kept_and_not_ranked():
     stages = stages_for([57, 58])
     assert [s["kept"] for s in stages] == [1.0, 1.0, 1.0]
     assert all(s["percentile"] is None for s in stages)
+
+
+def oracle_stages(monkeypatch, needle: list[int]) -> tuple[list[dict], dict]:
+    """``saliency_stages`` with a hand-made saliency: -position at every layer (its magnitude grows with
+    the position, so |saliency| ranks like ``LaterIsBetter``); records what the loss was asked to score."""
+    import sdtp_core.saliency as saliency_module
+
+    from sdtp_eval.retention.needle_survival import saliency_stages
+
+    seen = {}
+
+    def fake(model, input_ids, labels, layers):
+        seen.update(input_ids=input_ids, labels=labels, layers=layers)
+        n = input_ids.shape[1]
+        return -torch.arange(n, dtype=torch.float32).expand(1, len(layers), n).clone()
+
+    monkeypatch.setattr(saliency_module, "compute_saliency", fake)
+    model = tiny_model()
+    config = tiny_pruner(model).config  # stages keep 0.7, 0.5, 0.4 of the prompt
+    return saliency_stages(model, list(range(3, 63)), [7, 8, 9], needle, config), seen
+
+
+def test_saliency_oracle_ranks_and_keeps_by_magnitude(monkeypatch):
+    stages, seen = oracle_stages(monkeypatch, [50, 51])
+    # 60 prompt tokens, first 4 and last 6 protected: 50 and 51 have 46 and 47 of 49 other candidates below
+    assert [s["percentile"] for s in stages] == [pytest.approx(46.5 / 49)] * 3
+    # keep 0.4 -> 24 tokens: the 10 protected, then the 14 largest |saliency|, positions 40..53
+    assert [s["kept"] for s in stages] == [1.0, 1.0, 1.0]
+    # the answer follows the prompt and is the only target, each token predicted by the one before it
+    assert seen["input_ids"][0].tolist() == list(range(3, 63)) + [7, 8, 9]
+    assert (seen["labels"][0, 59:62] == torch.tensor([7, 8, 9])).all() and (seen["labels"] != -100).sum() == 3
+
+
+def test_saliency_oracle_drops_a_low_saliency_needle_at_the_first_stage(monkeypatch):
+    # keep 0.7 -> 42 tokens: 10 protected + the top 32 candidates (22..53): 20 is out, 30 is in;
+    # keep 0.5 -> 30 tokens: 10 protected + 34..53: both out. Percentiles: 16 and 26 of 49 below.
+    stages, _ = oracle_stages(monkeypatch, [20, 30])
+    assert [s["kept"] for s in stages] == [0.5, 0.0, 0.0]
+    assert stages[0]["percentile"] == pytest.approx(21 / 49)

@@ -8,6 +8,13 @@ the digits to the last stage; the stage where they go, and how they ranked there
 
     python -m sdtp_eval.retention.needle_survival --length 2048 --limit 33 \\
         --pruners shipped attention norm random --out results/needle_survival_2k
+
+``saliency`` in ``--pruners`` is the training target as an oracle: the |gradient x hidden state| of the gold
+passkey's loss (SDTP's Stage 1 saliency, which no scorer has at inference time, since it needs the answer),
+on the dense forward at each stage layer. Its percentile is among the prompt's unprotected tokens; "kept"
+counts the digits among the ``ceil(keep_ratio * n)`` tokens a one-shot selection by saliency would keep at
+that stage (protected tokens first). It says whether the target a trained pruner imitates ranks the needle
+high; the other rows say what the scorers do.
 """
 
 from __future__ import annotations
@@ -74,6 +81,33 @@ def follow(engine, ids: list[int], needle: list[int]) -> list[dict]:
     return stages
 
 
+def saliency_stages(model, ids: list[int], answer_ids: list[int], needle: list[int], config) -> list[dict]:
+    """Per stage layer of ``config`` (a :class:`~sdtp_core.pruner.PrunerConfig`): the mean percentile of the
+    ``needle`` positions' |saliency| of the ``answer_ids`` loss among the prompt's unprotected tokens, and
+    the fraction of them a one-shot top-``ceil(keep_ratio * n)`` selection by |saliency| keeps."""
+    from sdtp_core.saliency import compute_saliency
+    from sdtp_core.selection import keep_counts, recent_count
+
+    n = len(ids)
+    full = torch.tensor([ids + answer_ids])
+    labels = torch.full_like(full, -100)
+    labels[0, n - 1 : n - 1 + len(answer_ids)] = torch.tensor(answer_ids)
+    saliency = compute_saliency(model, full, labels, list(config.layers))[0, :, :n].abs()
+    protected = torch.zeros(n, dtype=torch.bool)
+    protected[: config.keep_first] = True
+    protected[n - recent_count(n, config.keep_recent) :] = True
+    stages = []
+    for row, ratio in zip(saliency, config.keep_ratios):
+        candidates = row[~protected]
+        ranks = [(candidates < row[p]).sum().item() / max(1, len(candidates) - 1) for p in needle if not protected[p]]
+        order = torch.where(protected, torch.inf, row).argsort(descending=True)
+        kept = set(order[: int(keep_counts(torch.tensor([n]), ratio)[0])].tolist())
+        stages.append(
+            {"kept": sum(p in kept for p in needle) / len(needle), "percentile": sum(ranks) / len(ranks) if ranks else None}
+        )
+    return stages
+
+
 def main(argv: list[str] | None = None) -> dict:
     from sdtp_core.engine import SDTPEngine
     from sdtp_core.loading import load_model, load_pruner
@@ -100,9 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
         "pruners": {},
     }
     for spec in args.pruners:
-        pruner = load_pruner(spec, model)
-        engine = SDTPEngine(model, pruner)
-        rows = [(depth, follow(engine, ids, needle)) for ids, needle, depth in tqdm(inputs, desc=f"pruner={spec}")]
+        pruner = load_pruner("attention" if spec == "saliency" else spec, model)
+        if spec == "saliency":
+            answers = [tokenizer(d["answer"], add_special_tokens=False)["input_ids"] for d in docs]
+            rows = [
+                (depth, saliency_stages(model, ids, answer, needle, pruner.config))
+                for (ids, needle, depth), answer in tqdm(list(zip(inputs, answers)), desc="saliency (oracle)")
+            ]
+        else:
+            engine = SDTPEngine(model, pruner)
+            rows = [(depth, follow(engine, ids, needle)) for ids, needle, depth in tqdm(inputs, desc=f"pruner={spec}")]
         n_stages = len(pruner.config.layers)
         per_stage = []
         for s in range(n_stages):
