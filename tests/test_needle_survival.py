@@ -53,7 +53,6 @@ def oracle_stages(monkeypatch, needle: list[int]) -> tuple[list[dict], dict]:
     """``saliency_stages`` with a hand-made saliency: -position at every layer (its magnitude grows with
     the position, so |saliency| ranks like ``LaterIsBetter``); records what the loss was asked to score."""
     import sdtp_core.saliency as saliency_module
-
     from sdtp_eval.retention.needle_survival import saliency_stages
 
     seen = {}

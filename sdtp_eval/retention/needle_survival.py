@@ -102,9 +102,8 @@ def saliency_stages(model, ids: list[int], answer_ids: list[int], needle: list[i
         ranks = [(candidates < row[p]).sum().item() / max(1, len(candidates) - 1) for p in needle if not protected[p]]
         order = torch.where(protected, torch.inf, row).argsort(descending=True)
         kept = set(order[: int(keep_counts(torch.tensor([n]), ratio)[0])].tolist())
-        stages.append(
-            {"kept": sum(p in kept for p in needle) / len(needle), "percentile": sum(ranks) / len(ranks) if ranks else None}
-        )
+        percentile = sum(ranks) / len(ranks) if ranks else None
+        stages.append({"kept": sum(p in kept for p in needle) / len(needle), "percentile": percentile})
     return stages
 
 
