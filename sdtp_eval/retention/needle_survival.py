@@ -59,6 +59,12 @@ def needle_positions(tokenizer, text: str, answer: str) -> tuple[list[int], list
     return enc["input_ids"], positions
 
 
+def percentile(scores: torch.Tensor, candidates: torch.Tensor, slot: int) -> float:
+    """The share of the other ``candidates`` whose score is below ``scores[slot]`` (1.0 = the highest)."""
+    below = (scores[candidates] < scores[slot]).sum().item()
+    return below / max(1, int(candidates.sum()) - 1)
+
+
 def follow(engine, ids: list[int], needle: list[int]) -> list[dict]:
     """Per stage: the fraction of ``needle`` positions kept after it, and their mean score percentile
     (among the stage's live unprotected tokens, while still live). One prompt, batch 1."""
@@ -69,11 +75,7 @@ def follow(engine, ids: list[int], needle: list[int]) -> list[dict]:
     for scores, valid, protected, index in calls:
         s, v, prot = scores[0], valid[0], protected[0]
         candidates = v & ~prot
-        ranks = []
-        for slot in slot_of.values():
-            if candidates[slot]:
-                below = (s[candidates] < s[slot]).sum().item()
-                ranks.append(below / max(1, int(candidates.sum()) - 1))
+        ranks = [percentile(s, candidates, slot) for slot in slot_of.values() if candidates[slot]]
         kept_slots = index[0].tolist()
         new_slot = {old: new for new, old in enumerate(kept_slots)}
         slot_of = {p: new_slot[slot] for p, slot in slot_of.items() if slot in new_slot}
@@ -82,32 +84,38 @@ def follow(engine, ids: list[int], needle: list[int]) -> list[dict]:
 
 
 def saliency_stages(model, ids: list[int], answer_ids: list[int], needle: list[int], config) -> list[dict]:
-    """Per stage layer of ``config`` (a :class:`~sdtp_core.pruner.PrunerConfig`): the mean percentile of the
+    """Per stage layer of ``config`` (a :class:`~sdtp_core.config.PrunerConfig`): the mean percentile of the
     ``needle`` positions' |saliency| of the ``answer_ids`` loss among the prompt's unprotected tokens, and
-    the fraction of them a one-shot top-``ceil(keep_ratio * n)`` selection by |saliency| keeps."""
+    the fraction of them the engine's selection (:func:`~sdtp_core.selection.select`) would keep from the
+    whole prompt at that stage's keep ratio, ranked by |saliency|."""
     from sdtp_core.saliency import compute_saliency
-    from sdtp_core.selection import keep_counts, recent_count
+    from sdtp_core.selection import keep_counts, protected_mask, select
 
     n = len(ids)
     full = torch.tensor([ids + answer_ids])
     labels = torch.full_like(full, -100)
     labels[0, n - 1 : n - 1 + len(answer_ids)] = torch.tensor(answer_ids)
-    saliency = compute_saliency(model, full, labels, list(config.layers))[0, :, :n].abs()
-    protected = torch.zeros(n, dtype=torch.bool)
-    protected[: config.keep_first] = True
-    protected[n - recent_count(n, config.keep_recent) :] = True
+    saliency = compute_saliency(model, full, labels, list(config.layers))[:, :, :n].abs()
+    valid = torch.ones(1, n, dtype=torch.bool)
+    protect = protected_mask(valid, config.keep_first, config.keep_recent)
+    candidates = ~protect[0]
     stages = []
-    for row, ratio in zip(saliency, config.keep_ratios):
-        candidates = row[~protected]
-        ranks = [(candidates < row[p]).sum().item() / max(1, len(candidates) - 1) for p in needle if not protected[p]]
-        order = torch.where(protected, torch.inf, row).argsort(descending=True)
-        kept = set(order[: int(keep_counts(torch.tensor([n]), ratio)[0])].tolist())
-        percentile = sum(ranks) / len(ranks) if ranks else None
-        stages.append({"kept": sum(p in kept for p in needle) / len(needle), "percentile": percentile})
+    for stage, ratio in enumerate(config.keep_ratios):
+        scores = saliency[:, stage]
+        ranks = [percentile(scores[0], candidates, p) for p in needle if candidates[p]]
+        index, slot_valid = select(scores, valid, protect, keep_counts(torch.tensor([n]), ratio))
+        kept = set(index[0][slot_valid[0]].tolist())
+        stages.append(
+            {
+                "kept": sum(p in kept for p in needle) / len(needle),
+                "percentile": sum(ranks) / len(ranks) if ranks else None,
+            }
+        )
     return stages
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from sdtp_core.config import PrunerConfig
     from sdtp_core.engine import SDTPEngine
     from sdtp_core.loading import load_model, load_pruner
 
@@ -133,23 +141,25 @@ def main(argv: list[str] | None = None) -> dict:
         "pruners": {},
     }
     for spec in args.pruners:
-        pruner = load_pruner("attention" if spec == "saliency" else spec, model)
         if spec == "saliency":
+            schedule = PrunerConfig.for_model(model.config)  # the default schedule every scorer here uses
             answers = [tokenizer(d["answer"], add_special_tokens=False)["input_ids"] for d in docs]
             rows = [
-                (depth, saliency_stages(model, ids, answer, needle, pruner.config))
+                (depth, saliency_stages(model, ids, answer, needle, schedule))
                 for (ids, needle, depth), answer in tqdm(list(zip(inputs, answers)), desc="saliency (oracle)")
             ]
         else:
+            pruner = load_pruner(spec, model)
+            schedule = pruner.config
             engine = SDTPEngine(model, pruner)
             rows = [(depth, follow(engine, ids, needle)) for ids, needle, depth in tqdm(inputs, desc=f"pruner={spec}")]
-        n_stages = len(pruner.config.layers)
+        n_stages = len(schedule.layers)
         per_stage = []
         for s in range(n_stages):
             ranked = [r[s]["percentile"] for _, r in rows if r[s]["percentile"] is not None]
             per_stage.append(
                 {
-                    "layer": pruner.config.layers[s],
+                    "layer": schedule.layers[s],
                     "kept": sum(r[s]["kept"] for _, r in rows) / len(rows),
                     "percentile": sum(ranked) / len(ranked) if ranked else None,
                     "ranked_documents": len(ranked),
