@@ -143,6 +143,50 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The report as Markdown: command, machine, settings and one table row per prompt length."""
+    m, st, rows = report["machine"], report["settings"], report["rows"]
+    flags = ", ".join(k for k, v in m.get("cpu_flags", {}).items() if v) or "none recorded"
+    lines = [
+        "# Latency, FLOPs and KV memory: dense vs SDTP, same process, same prompts",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {m.get('cpu_model', m.get('processor'))}, {m.get('logical_cpus', '?')} logical CPUs, "
+        f"{m.get('cpu_count')} torch threads, CPU flags: {flags}; torch {m.get('torch')}, transformers "
+        f"{m.get('transformers')}; load average (1/5/15 min) "
+        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))}.",
+        "",
+        f"Settings: {st['dtype']}, attention `{st['attn_implementation']}`, pruner `{st['pruner']}`, "
+        f"layers {st['schedule']['layers']}, keep ratio 0.9^s; medians of {st['reps']} repetitions after a "
+        f"warm-up, dense and pruned interleaved; end-to-end = prefill + {rows[0]['new_tokens']} decoded tokens. "
+        f"Peak RSS of the process: {report['peak_rss_mb']:.0f} MB.",
+        "",
+        "| prompt tokens | dense prefill s | SDTP prefill s | prefill speedup | FLOPs-ideal | efficiency "
+        "| dense TFLOPs | SDTP TFLOPs | dense e2e s | SDTP e2e s | e2e speedup | 1/τ | KV cache MB dense / SDTP |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['length']} | {r['dense_prefill_s']:.2f} | {r['pruned_prefill_s']:.2f} | "
+            f"{r['prefill_speedup']:.2f}x | {r['flops_ideal_speedup']:.2f}x | {r['efficiency']:.2f} | "
+            f"{r['dense_prefill_tflops']:.2f} | {r['pruned_prefill_tflops']:.2f} | {r['dense_e2e_s']:.2f} | "
+            f"{r['pruned_e2e_s']:.2f} | {r['e2e_speedup']:.2f}x | {r['compression']:.2f} | "
+            f"{r['dense_kv_cache_mb']:.0f} / {r['pruned_kv_cache_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, path: Path) -> None:
+    """``path`` (JSON, written atomically) plus a Markdown table and a PNG plot beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    path.with_suffix(".md").write_text(markdown(report))
+    plot(report["rows"], path.with_suffix(".png"))
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Measured vs FLOPs-ideal speedups per prompt length."""
     import matplotlib
@@ -193,7 +237,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)"
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the report here (and a PNG plot beside it)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the report here (and a Markdown table and a PNG plot beside it)"
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: rewrite the Markdown table and the plot beside a report written by --json",
+    )
     prof = parser.add_argument_group("--profile: where the time goes (sdtp_core.breakdown)")
     prof.add_argument(
         "--profile",
@@ -213,6 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--plain-max-length", type=int, default=None, help="no uninstrumented reference run for longer prompts"
     )
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        write_report(report, args.from_json)
+        print(f"wrote {args.from_json.with_suffix('.md')} and {args.from_json.with_suffix('.png')}")
+        return report
     if any(n < 8 for n in args.lengths) or args.reps < 1 or args.new_tokens < 1:
         parser.error("lengths must be >= 8, --reps and --new-tokens >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -251,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
             meta,
             args.plain_max_length,
         )
+    machine = machine_info()  # before the measurements, so the load average is the machine's, not ours
     rows = []
     for length in tqdm(args.lengths, desc="benchmark", unit="length"):
         rows.append(bench_length(engine, length, args.new_tokens, args.reps, args.seed))
@@ -258,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(rows))
     report = {
         "command": command,
-        "machine": machine_info(),
+        "machine": machine,
         "settings": settings
         | {
             "dense_baseline": "same engine and decoding loop with pruning off; hf_dense_prefill_s is a plain "
@@ -268,12 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(args.json)
-        plot(rows, args.json.with_suffix(".png"))
-        print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+        write_report(report, args.json)
+        print(f"wrote {args.json} and its .md and .png")
     return report
 
 
