@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 CONFIG_NAME = "config.json"
+INPUT_NORMS = ("none", "rms")
 
 
 class PrunerConfigError(ValueError):
@@ -47,6 +48,10 @@ class PrunerConfig:
         keep_first: the first tokens of every prompt are never pruned (attention sinks).
         keep_recent: the most recent fraction of the prompt is never pruned.
         mlp_ratio: hidden width of each stage's scorer MLP as a fraction of ``hidden_size``.
+        input_norm: ``"none"`` (the paper: the MLP reads the raw hidden state) or ``"rms"`` (the hidden
+            state divided by its root mean square first, parameter-free; the residual stream's norm grows
+            ~6x from layer 4 to 22 in the embedded model, see docs/training.md). Configs written before
+            this field existed load as ``"none"``.
     """
 
     hidden_size: int
@@ -56,6 +61,7 @@ class PrunerConfig:
     keep_first: int = 4
     keep_recent: float = 0.1
     mlp_ratio: float = 0.125
+    input_norm: str = "none"
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
@@ -111,6 +117,8 @@ class PrunerConfig:
             raise PrunerConfigError("keep_first must be >= 0 and keep_recent in [0, 1]")
         if not 0.0 < self.mlp_ratio <= 4.0:
             raise PrunerConfigError(f"mlp_ratio {self.mlp_ratio} is outside (0, 4]")
+        if self.input_norm not in INPUT_NORMS:
+            raise PrunerConfigError(f"input_norm {self.input_norm!r} is not one of {', '.join(INPUT_NORMS)}")
 
     def check_model(self, model_config) -> None:
         """Raise if this pruner was built for a model of another shape than ``model_config``."""

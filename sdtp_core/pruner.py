@@ -15,16 +15,22 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class StageScorer(nn.Module):
-    """``score = W2 · GELU(W1 · h + b1) + b2``: one importance score per token from its hidden state."""
+    """``score = W2 · GELU(W1 · h + b1) + b2``: one importance score per token from its hidden state.
 
-    def __init__(self, hidden_size: int, scorer_hidden: int):
+    With ``input_norm="rms"``, ``h`` is first divided by its root mean square (no parameters), so every
+    stage's MLP sees inputs of the same scale whatever the depth."""
+
+    def __init__(self, hidden_size: int, scorer_hidden: int, input_norm: str = "none"):
         super().__init__()
+        self.input_norm = input_norm
         self.fc1 = nn.Linear(hidden_size, scorer_hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(scorer_hidden, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) -> (batch, seq) scores, in the input's dtype."""
+        if self.input_norm == "rms":
+            hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + 1e-6)
         return self.fc2(self.act(self.fc1(hidden_states))).squeeze(-1)
 
 
@@ -38,7 +44,7 @@ class TokenPruner(nn.Module):
         super().__init__()
         self.config = config
         self.stages = nn.ModuleList(
-            StageScorer(config.hidden_size, config.scorer_hidden) for _ in range(config.num_stages)
+            StageScorer(config.hidden_size, config.scorer_hidden, config.input_norm) for _ in range(config.num_stages)
         )
 
     def score(self, stage: int, hidden_states: torch.Tensor, **context) -> torch.Tensor:

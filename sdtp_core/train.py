@@ -64,6 +64,7 @@ class TrainConfig:
     keep_first: int = 4
     keep_recent: float = 0.1
     mlp_ratio: float = 0.125
+    scorer_input_norm: str = "none"
     saliency_batch_size: int = 1
     shard_size: int = 64
     epochs: int = 1
@@ -183,6 +184,8 @@ HELP = {
     "keep_first": "the first N prompt tokens are never pruned",
     "keep_recent": "the last fraction of the prompt is never pruned",
     "mlp_ratio": "hidden width of each scorer MLP as a fraction of the model's hidden size",
+    "scorer_input_norm": "none (the paper: the scorer reads the raw hidden state) or rms (divided by its root "
+    "mean square first; the hidden-state norm grows ~6x with depth)",
     "saliency_batch_size": "samples per Stage 1 forward/backward",
     "shard_size": "samples per Stage 1 safetensors shard (the unit of resumption)",
     "epochs": "Stage 2 passes over the data",
@@ -309,6 +312,7 @@ def pruner_config(cfg: TrainConfig, model_config) -> PrunerConfig:
         keep_first=cfg.keep_first,
         keep_recent=cfg.keep_recent,
         mlp_ratio=cfg.mlp_ratio,
+        input_norm=cfg.scorer_input_norm,
     )
 
 

@@ -45,11 +45,34 @@ def test_scorer_cost_is_well_under_one_percent_of_the_model():
         (dict(layers=[1], keep_ratios=[1.2]), "outside \\(0, 1\\]"),
         (dict(layers=[1, 2], keep_ratios=[0.5, 0.8]), "must not increase"),
         (dict(layers=[1, 2], keep_ratios=[0.5]), "one ratio per stage"),
+        (dict(layers=[1], keep_ratios=[0.9], input_norm="layer"), "input_norm 'layer' is not one of none, rms"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_clear_message(kwargs, message):
     with pytest.raises(PrunerConfigError, match=message):
         PrunerConfig(hidden_size=64, num_hidden_layers=6, **kwargs)
+
+
+def test_rms_input_norm_makes_scores_independent_of_the_hidden_state_scale():
+    cfg = PrunerConfig(hidden_size=64, num_hidden_layers=6, layers=[2], keep_ratios=[0.8], input_norm="rms")
+    torch.manual_seed(0)
+    pruner = TokenPruner(cfg)
+    h = torch.randn(1, 7, 64)
+    plain = pruner.stages[0].fc2(pruner.stages[0].act(pruner.stages[0].fc1(h / h.pow(2).mean(-1, keepdim=True).sqrt())))
+    assert torch.allclose(pruner.score(0, h), plain.squeeze(-1), atol=1e-5)
+    assert torch.allclose(pruner.score(0, 50 * h), pruner.score(0, h), atol=1e-5)
+    raw = TokenPruner(PrunerConfig(hidden_size=64, num_hidden_layers=6, layers=[2], keep_ratios=[0.8]))
+    assert not torch.allclose(raw.score(0, 50 * h), raw.score(0, h), atol=1e-3)  # the paper's raw input
+
+
+def test_configs_written_before_input_norm_load_as_the_raw_input(tmp_path):
+    cfg = PrunerConfig(hidden_size=64, num_hidden_layers=6, layers=[2], keep_ratios=[0.8], input_norm="rms")
+    cfg.save(tmp_path)
+    assert PrunerConfig.load(tmp_path).input_norm == "rms"
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["input_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert PrunerConfig.load(tmp_path).input_norm == "none"
 
 
 def test_too_many_default_stages_for_a_small_model():
