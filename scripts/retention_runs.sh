@@ -12,7 +12,8 @@
 # of 8), pooled (window 64, scores max-pooled over 31 slots), late_pooled (pooled, with 8 stages from
 # layer 8 at keep 0.835 instead of 10 from layer 4 at 0.9: the same 1/tau 1.53), long (a pruner trained
 # on long inputs, directory $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh
-# ablations), long_norank and long_lm_only (its Tables 4/5 ablations), norm, random; these last ten prune
+# ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
+# with --scorer-input-norm rms: docs/training.md), norm, random; these last eleven prune
 # every prompt (min_prompt_tokens=0). Run two at a time on two cores (one torch thread each).
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
@@ -35,6 +36,7 @@ declare -A ARGS=(
   [long]="pruner=${LONG_PRUNER:-$RUNS/train_long/pruner},min_prompt_tokens=0"
   [long_norank]="pruner=$RUNS/train_long_norank/pruner,min_prompt_tokens=0"
   [long_lm_only]="pruner=$RUNS/train_long_lm_only/pruner,min_prompt_tokens=0"
+  [long_rms]="pruner=$RUNS/train_long_rms/pruner,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [random]="pruner=random,min_prompt_tokens=0"
 )
@@ -80,7 +82,7 @@ nll() {  # LongBench answer NLL: first 20 rows of narrativeqa, qasper, hotpotqa_
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle|nll dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|norm|random [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|ruler|needle|nll dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|norm|random [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"
