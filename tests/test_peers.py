@@ -182,6 +182,95 @@ def test_lm_eval_model_with_a_press_generates_what_the_adapters_generate(kvp, ti
         lm.loglikelihood([Instance("loglikelihood", {}, ("a b", " c"), 0, ("probe", 1, 1))])
 
 
+# ----------------------------------------------------------------------- long-text perplexity and decoding
+
+
+def continuation_nll(logits: torch.Tensor, ids: torch.Tensor, prefix: int) -> float:
+    """Mean NLL of ``ids[prefix:]`` from full-sequence logits (position t predicts token t + 1)."""
+    return torch.nn.functional.cross_entropy(logits[prefix - 1 : -1].float(), ids[0, prefix:]).item()
+
+
+def peaked_model(name: str):
+    """A tiny model with a 50x sharper LM head: the random model's logits are nearly flat, and a wrong
+    position or a wrongly visible token would move their NLL by less than float noise."""
+    model = model_for(name)
+    model.lm_head.weight.mul_(50)
+    return model
+
+
+def test_long_text_dense_nll_is_a_plain_transformers_forward(kvp):
+    from sdtp_eval.peers.long_text import score_method
+
+    model, ids = peaked_model("knorm"), prompt(N + 12, seed=3)
+    row = score_method(SDTPEngine(model, None), ids, N, None, prune=False)
+    # One position off for the fed tokens moves this NLL by ~6e-6 (relative); float noise is ~3e-8.
+    assert row["nll"] == pytest.approx(continuation_nll(model(ids).logits[0], ids, N), rel=1e-6)
+    assert row["kv_entries_per_layer"] == N and row["compression"] == 1.0 and row["decode_step_seconds"] > 0
+
+
+def test_long_text_sdtp_nll_is_the_mask_simulated_pruned_forward(kvp):
+    """Teacher forcing on SDTP's pruned caches = the oracle that hides the dropped prefix tokens by masks."""
+    from oracle import mask_simulated_forward
+
+    from sdtp_eval.peers.long_text import score_method
+
+    model, ids = peaked_model("knorm"), prompt(N + 12, seed=4)
+    pruner = tiny_pruner(model)
+    row = score_method(SDTPEngine(model, pruner), ids, N, None, prune=True)
+    logits, alive = mask_simulated_forward(model, pruner, ids[0].tolist(), n_prompt=N)
+    assert int(alive.sum()) < N  # the prefix really was pruned
+    assert row["nll"] == pytest.approx(continuation_nll(logits, ids, N), rel=1e-6)
+    dense = score_method(SDTPEngine(model, None), ids, N, None, prune=False)["nll"]
+    assert abs(dense - row["nll"]) > 1e-4 * dense  # pruning changed the NLL by more than the tolerance
+    assert row["compression"] > 1.0
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_long_text_press_cache_is_what_the_press_predicts(kvp, prune):
+    from sdtp_eval.peers.long_text import score_method
+
+    model = model_for("streaming_llm")
+    engine = SDTPEngine(model, tiny_pruner(model))
+    press = kvp.build_press("streaming_llm", 0.5)
+    row = score_method(engine, prompt(N + 6), N, press, prune=prune)
+    processed = engine.prefill(prompt(N + 6)[:, :N], prune=prune).kept_counts[0].tolist()
+    expected = kvp.expected_cache_lengths(processed, 0.5)
+    assert row["kv_entries_per_layer"] == pytest.approx(sum(expected) / len(expected))
+    assert row["tokens_per_layer"] == pytest.approx(sum(processed) / len(processed))
+
+
+def test_long_text_summary_by_hand(kvp):
+    from sdtp_eval.peers.long_text import summarise
+
+    def row(method, doc, nll, prefill, step):
+        return {
+            "length": 64,
+            "doc": doc,
+            "method": method,
+            "nll": nll,
+            "prefill_seconds": prefill,
+            "decode_step_seconds": step,
+            "kv_cache_bytes": 2**20,
+            "kv_entries_per_layer": 10.0,
+            "compression": 1.5,
+        }
+
+    rows = [
+        row("dense", 0, 2.0, 4.0, 0.10),
+        row("dense", 1, 3.0, 2.0, 0.20),
+        row("sdtp", 0, 2.5, 2.0, 0.05),
+        row("sdtp", 1, 3.1, 2.0, 0.10),
+    ]
+    s = summarise(rows, ["dense", "sdtp"], [64], reps=200)["64"]
+    assert s["dense"]["nll_diff"] == 0 and s["dense"]["prefill_speedup"] == 1
+    assert s["sdtp"]["nll"] == pytest.approx(2.8) and s["sdtp"]["nll_diff"] == pytest.approx(0.3)
+    assert s["sdtp"]["perplexity"] == pytest.approx(2.718281828**2.8, rel=1e-6)
+    assert s["sdtp"]["prefill_speedup"] == pytest.approx(1.5)  # median of 2.0 and 1.0
+    assert s["sdtp"]["decode_speedup"] == pytest.approx(2.0)
+    assert s["sdtp"]["decode_tokens_per_second"] == pytest.approx(1 / 0.075)
+    assert s["sdtp"]["kv_cache_mib"] == 1.0
+
+
 # ------------------------------------------------------------------------------------------- LLMLingua
 
 

@@ -257,6 +257,29 @@ def run_press(
 
 
 @torch.inference_mode()
+def press_prefill(engine, input_ids: torch.Tensor, press=None, *, protect=None, prune: bool = True):
+    """The engine's prefill (pruned unless ``prune=False``) with a kvpress press object's hooks active
+    (none when ``press`` is None); returns ``(PrefillResult, cache)``.
+
+    ``cache`` is a :class:`~sdtp_core.cache.PrunedCache` with one segment per layer, all slots live, ready
+    for :meth:`SDTPEngine.decode_step`: after a press every layer has its own key layout. ``input_ids`` is one
+    row (batch 1, no padding).
+    """
+    from sdtp_core.cache import PrunedCache
+
+    model = engine.model
+    if press is None:
+        result = engine.prefill(input_ids, protect=protect, prune=prune, logits_to_keep=1)
+    else:
+        with press(model), prefill_cache_position(model):
+            result = engine.prefill(input_ids, protect=protect, prune=prune, logits_to_keep=1)
+    kv = result.cache.kv
+    lengths = [kv.layers[i].keys.shape[-2] for i in range(engine.num_layers)]
+    live = [torch.ones(1, length, dtype=torch.bool, device=model.device) for length in lengths]
+    return result, PrunedCache(kv, list(range(engine.num_layers)), live)
+
+
+@torch.inference_mode()
 def run_sdtp_press(
     engine,
     input_ids: torch.Tensor,
@@ -278,24 +301,14 @@ def run_sdtp_press(
     time after the prefill, uncompressed, as :func:`run_press` feeds them. ``prune=False`` runs the
     engine dense, which must give the same caches as :func:`run_press`.
     """
-    from sdtp_core.cache import PrunedCache
-
     model = engine.model
     name, press_obj = _resolve(press, compression_ratio, press_kwargs)
     ids = _check(model, name, input_ids)
     n = ids.shape[1]
     start = time.perf_counter()
-    with press_obj(model), prefill_cache_position(model):
-        result = engine.prefill(ids, protect=protect, prune=prune, logits_to_keep=1)
-    kv = result.cache.kv
-    cache_lengths = [kv.layers[i].keys.shape[-2] for i in range(engine.num_layers)]
-    kv_bytes = _kv_bytes(kv)
-    # Every layer now has its own key layout (all slots live): one segment per layer.
-    cache = PrunedCache(
-        kv,
-        list(range(engine.num_layers)),
-        [torch.ones(1, length, dtype=torch.bool, device=model.device) for length in cache_lengths],
-    )
+    result, cache = press_prefill(engine, ids, press_obj, protect=protect, prune=prune)
+    cache_lengths = cache.layer_lengths()
+    kv_bytes = _kv_bytes(cache.kv)
     cache.reserve(max_new_tokens + (0 if question_ids is None else question_ids.numel()))  # as generate() does
     logits = result.logits[:, -1]
     position = n

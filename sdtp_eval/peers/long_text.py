@@ -1,0 +1,285 @@
+"""Perplexity and decoding speed of long text under KV compression: dense, a press, SDTP, SDTP ∘ press.
+
+The StreamingLLM-style comparison (issue 9, item 4). For every document and prefix length ``L``, each method
+prefills the document's first ``L`` tokens, then the next ``M`` tokens (``--continuation``) are fed one at a
+time on the resulting cache (teacher forcing): the negative log-likelihood of each of them is what the
+method kept of the text's predictability, and the time of each step is its decoding speed. Methods:
+
+* ``dense``: the full cache;
+* ``PRESS`` (e.g. ``streaming_llm``): a kvpress press compresses every layer's cache after the prefill,
+  removing ``--ratio`` of its entries (kvpress's protocol: the prefill itself is dense; decoded tokens are
+  appended uncompressed);
+* ``sdtp``: SDTP's pruned prefill (the chosen scorer at the default schedule; first 4 and last 10% of the
+  prefix protected), each layer's cache holding the tokens that layer processed;
+* ``sdtp+PRESS``: SDTP's pruned prefill, then the press on each layer's pruned cache (paper Table 6).
+
+All four run through the same :class:`~sdtp_core.engine.SDTPEngine` prefill and ``decode_step`` loop
+(:func:`~sdtp_eval.peers.kvpress_presses.press_prefill`), in one process, in an order rotated per document,
+so time ratios compare methods, not code paths. Text: the ``context`` of LongBench rows (default
+``narrativeqa``: books and film scripts; :func:`sdtp_eval.longbench.tasks.load_rows`, local copy or the Hub).
+
+Usage (the peers environment, docs/peers.md)::
+
+    python -m sdtp_eval.peers.long_text --lengths 1024 2048 4096 --docs 10 --continuation 128 \\
+        --presses streaming_llm --ratio 0.35 --out results/long_text_cpu
+
+Writes ``OUT.json`` (machine, settings, every document's per-method NLL and timings), ``OUT.md`` and ``OUT.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .kvpress_presses import _kv_bytes, build_press, press_name, press_prefill
+
+DENSE, SDTP = "dense", "sdtp"
+
+
+def documents(tokenizer, dataset: str, need: int, count: int) -> list[tuple[int, list[int]]]:
+    """The first ``count`` rows of a LongBench dataset whose context has at least ``need`` tokens:
+    ``[(row index, token ids)]``, each cut to ``need`` tokens."""
+    from sdtp_eval.longbench.tasks import load_rows
+
+    docs = []
+    for i, row in enumerate(load_rows(dataset)):
+        ids = tokenizer(row["context"], add_special_tokens=False).input_ids
+        if len(ids) >= need:
+            docs.append((i, ids[:need]))
+        if len(docs) == count:
+            break
+    if len(docs) < count:
+        raise ValueError(
+            f"{dataset} has only {len(docs)} contexts of at least {need} tokens; ask for fewer --docs or shorter "
+            "--lengths, or choose another --dataset"
+        )
+    return docs
+
+
+@torch.inference_mode()
+def score_method(engine, ids: torch.Tensor, prefix: int, press, prune: bool) -> dict:
+    """Prefill ``ids[:, :prefix]`` (pruned or not, with a press or none), then feed the rest of ``ids`` one
+    token at a time; return the NLL of every fed token and the timings."""
+    start = time.perf_counter()
+    result, cache = press_prefill(engine, ids[:, :prefix], press, prune=prune)
+    prefill_seconds = time.perf_counter() - start
+    lengths = cache.layer_lengths()
+    kv_bytes = _kv_bytes(cache.kv)
+    continuation = ids[0, prefix:]
+    cache.reserve(len(continuation))
+    logits = result.logits[:, -1]
+    nll, steps = [], []
+    for j, token in enumerate(continuation):
+        nll.append(-torch.log_softmax(logits.float(), dim=-1)[0, token].item())
+        if j == len(continuation) - 1:
+            break
+        t = time.perf_counter()
+        logits = engine.decode_step(cache, token.view(1), torch.tensor([prefix + j]))
+        steps.append(time.perf_counter() - t)
+    return {
+        "nll": statistics.fmean(nll),
+        "prefill_seconds": prefill_seconds,
+        "decode_step_seconds": statistics.median(steps) if steps else None,
+        "kv_entries_per_layer": statistics.fmean(lengths),
+        "kv_cache_bytes": kv_bytes,
+        "tokens_per_layer": statistics.fmean(result.kept_counts[0].tolist()),
+        "compression": float(result.compression[0]),
+    }
+
+
+def methods(presses: list[str], ratio: float) -> list[tuple[str, str | None, bool]]:
+    """``(label, press name or None, prune)`` for dense, each press, sdtp and sdtp+each press."""
+    out = [(DENSE, None, False)] + [(p, p, False) for p in presses] + [(SDTP, None, True)]
+    return out + [(f"{SDTP}+{p}", p, True) for p in presses]
+
+
+def summarise(rows: list[dict], labels: list[str], lengths: list[int], reps: int = 2000) -> dict:
+    """Per length and method: mean NLL, perplexity, the paired NLL difference to dense with a bootstrap
+    interval over documents, and mean timings, cache size and time ratios to dense (medians over documents)."""
+    from sdtp_eval.retention.paired import compare
+
+    per_doc = {label: {} for label in labels}
+    for r in rows:
+        per_doc[r["method"]].setdefault(f"{r['length']}", {})[r["doc"]] = r["nll"]
+    paired = compare(per_doc, DENSE, lower_is_better=True, reps=reps)
+    out: dict[str, dict] = {}
+    for length in lengths:
+        key = f"{length}"
+        dense = {r["doc"]: r for r in rows if r["length"] == length and r["method"] == DENSE}
+        for label in labels:
+            mine = [r for r in rows if r["length"] == length and r["method"] == label]
+            stats = paired[key][label]
+            out.setdefault(key, {})[label] = {
+                "documents": len(mine),
+                "nll": stats["mean"],
+                "perplexity": math.exp(stats["mean"]),
+                "nll_diff": stats["diff"],
+                "nll_diff_ci": stats["diff_ci"],
+                "kv_cache_mib": statistics.fmean(r["kv_cache_bytes"] for r in mine) / 2**20,
+                "kv_entries_per_layer": statistics.fmean(r["kv_entries_per_layer"] for r in mine),
+                "compression": statistics.fmean(r["compression"] for r in mine),
+                "prefill_seconds": statistics.median(r["prefill_seconds"] for r in mine),
+                "decode_tokens_per_second": 1 / statistics.median(r["decode_step_seconds"] for r in mine),
+                "prefill_speedup": statistics.median(
+                    dense[r["doc"]]["prefill_seconds"] / r["prefill_seconds"] for r in mine
+                ),
+                "decode_speedup": statistics.median(
+                    dense[r["doc"]]["decode_step_seconds"] / r["decode_step_seconds"] for r in mine
+                ),
+            }
+    return out
+
+
+def format_markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        "# Long-text perplexity and decoding speed: dense, kvpress press, SDTP, SDTP ∘ press",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Text: the first {s['docs']} `{s['dataset']}` contexts long enough; each prefix of L tokens is prefilled, "
+        f"then the next {s['continuation']} tokens are fed one at a time (teacher forcing). NLL: nats per fed token. "
+        f"Press ratio {s['ratio']} (fraction of each layer's KV entries removed); SDTP scorer `{s['pruner']}`. "
+        f"Speed-ups are medians over documents of dense time / method time, measured in one process "
+        f"({report['machine'].get('cpu_model', '?')}, {s['dtype']}, {s['threads']} thread(s), load average at start "
+        f"{', '.join(f'{x:.1f}' for x in report['machine']['loadavg_at_start'])}).",
+        "",
+        "| L | method | 1/τ | KV entries / layer | KV MiB | NLL | Δ NLL vs dense [95% CI] | perplexity "
+        "| prefill s | prefill speed-up | decode tok/s | decode speed-up |",
+        "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for length, methods_ in report["summary"].items():
+        for label, m in methods_.items():
+            lo, hi = m["nll_diff_ci"]
+            lines.append(
+                f"| {length} | {label} | {m['compression']:.2f} | {m['kv_entries_per_layer']:.0f} | "
+                f"{m['kv_cache_mib']:.1f} | {m['nll']:.3f} | {m['nll_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                f"{m['perplexity']:.2f} | {m['prefill_seconds']:.2f} | {m['prefill_speedup']:.2f}x | "
+                f"{m['decode_tokens_per_second']:.1f} | {m['decode_speedup']:.2f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    lengths = [int(k) for k in summary]
+    labels = list(next(iter(summary.values())))
+    panels = [
+        ("nll_diff", "Δ NLL vs dense (nats/token)"),
+        ("kv_cache_mib", "KV cache (MiB)"),
+        ("decode_tokens_per_second", "decode tokens/s"),
+        ("prefill_speedup", "prefill speed-up vs dense"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for label in labels:
+            ys = [summary[str(n)][label][key] for n in lengths]
+            line = ax.plot(lengths, ys, marker="o", label=label)[0]
+            if key == "nll_diff":
+                lo = [summary[str(n)][label]["nll_diff_ci"][0] for n in lengths]
+                hi = [summary[str(n)][label]["nll_diff_ci"][1] for n in lengths]
+                ax.fill_between(lengths, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_xlabel("prefix tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(format_markdown(report))
+    plot(report, out.with_suffix(".png"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sdtp_eval.peers.long_text", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="Hub id or path (default: the embedded model)")
+    p.add_argument("--pruner", default="attention", help="SDTP scorer: attention (default), shipped, a directory, ...")
+    p.add_argument("--presses", nargs="*", default=["streaming_llm"], help="kvpress presses (default streaming_llm)")
+    p.add_argument("--ratio", type=float, default=0.35, help="press ratio: fraction of KV entries removed")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="prefix lengths (tokens)")
+    p.add_argument("--continuation", type=int, default=128, help="tokens scored after each prefix")
+    p.add_argument("--docs", type=int, default=10, help="documents per length")
+    p.add_argument("--dataset", default="narrativeqa", help="LongBench dataset whose contexts are the text")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the package's default)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", type=Path, required=True, help="report path without suffix (.json, .md, .png)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.continuation < 2 or args.docs < 1 or min(args.lengths) < 16:
+        raise SystemExit("--continuation must be >= 2, --docs >= 1 and every length >= 16 tokens")
+    if not 0 < args.ratio < 1:
+        raise SystemExit(f"--ratio must be in (0, 1), got {args.ratio}")
+    presses = [press_name(p) for p in args.presses]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from sdtp_core.bench import machine_info
+    from sdtp_core.engine import SDTPEngine
+    from sdtp_core.loading import load_model, load_pruner
+
+    attn = "eager" if "observed_attention" in presses else "sdpa"
+    model, tok = load_model(args.model, args.dtype, "cpu", attn)
+    engine = SDTPEngine(model, load_pruner(args.pruner, model))
+    lengths = sorted(args.lengths)
+    docs = documents(tok, args.dataset, lengths[-1] + args.continuation, args.docs)
+    plan = methods(presses, args.ratio)
+    press_objects = {p: build_press(p, args.ratio) for p in presses}
+    report = {
+        "command": "python -m sdtp_eval.peers.long_text " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "settings": {
+            "model": str(model.config._name_or_path),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "pruner": args.pruner,
+            "presses": presses,
+            "ratio": args.ratio,
+            "lengths": lengths,
+            "continuation": args.continuation,
+            "docs": args.docs,
+            "dataset": args.dataset,
+            "rows": [i for i, _ in docs],
+        },
+        "rows": [],
+    }
+    # Warm-up (first-call allocations and kernel selection) outside the measurements.
+    score_method(engine, torch.tensor([docs[0][1][:64]]), 48, None, prune=True)
+    work = [(n, d) for n in lengths for d in range(len(docs))]
+    for n, d in tqdm(work, desc="long text", unit="doc"):
+        ids = torch.tensor([docs[d][1][: n + args.continuation]])
+        order = plan[d % len(plan) :] + plan[: d % len(plan)]  # rotate which method runs first
+        for label, press, prune in order:
+            row = score_method(engine, ids, n, press_objects.get(press), prune)
+            report["rows"].append({"length": n, "doc": docs[d][0], "method": label, **row})
+    report["summary"] = summarise(report["rows"], [label for label, _, _ in plan], lengths)
+    write_report(report, args.out)
+    print(format_markdown(report))
+    print(f"wrote {args.out.with_suffix('.json')}, .md and .png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
