@@ -205,8 +205,11 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, out: Path) -> None:
+    """``OUT.json`` (written atomically), ``OUT.md`` and ``OUT.png``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out.with_suffix(".json"))
     out.with_suffix(".md").write_text(format_markdown(report))
     plot(report, out.with_suffix(".png"))
 
