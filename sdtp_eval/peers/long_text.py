@@ -96,7 +96,7 @@ def score_method(engine, ids: torch.Tensor, prefix: int, press, prune: bool) -> 
     }
 
 
-def methods(presses: list[str], ratio: float) -> list[tuple[str, str | None, bool]]:
+def methods(presses: list[str]) -> list[tuple[str, str | None, bool]]:
     """``(label, press name or None, prune)`` for dense, each press, sdtp and sdtp+each press."""
     out = [(DENSE, None, False)] + [(p, p, False) for p in presses] + [(SDTP, None, True)]
     return out + [(f"{SDTP}+{p}", p, True) for p in presses]
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine = SDTPEngine(model, load_pruner(args.pruner, model))
     lengths = sorted(args.lengths)
     docs = documents(tok, args.dataset, lengths[-1] + args.continuation, args.docs)
-    plan = methods(presses, args.ratio)
+    plan = methods(presses)
     press_objects = {p: build_press(p, args.ratio) for p in presses}
     report = {
         "command": "python -m sdtp_eval.peers.long_text " + shlex.join(argv if argv is not None else sys.argv[1:]),
