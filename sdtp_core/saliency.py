@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .attention import layout_mask
 from .masked_forward import decoder_parts, lm_loss_from_hidden
 from .train_data import Example, collate
 
@@ -70,19 +71,26 @@ def compute_saliency(model, input_ids: torch.Tensor, labels: torch.Tensor, layer
     inner, _ = decoder_parts(model)
     first = layers[0]
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    # Plain causal attention (right padding never reaches a real token); eager attention needs it explicitly.
+    causal = layout_mask(
+        torch.ones_like(input_ids, dtype=torch.bool),
+        input_ids.shape[1],
+        model.config._attn_implementation or "eager",
+        model.dtype,
+    )
     captured: list[torch.Tensor] = []
     with torch.no_grad():
         hidden = inner.embed_tokens(input_ids)
         rope = inner.rotary_emb(hidden, positions)
         for layer in inner.layers[:first]:
-            hidden = layer(hidden, attention_mask=None, position_embeddings=rope)
+            hidden = layer(hidden, attention_mask=causal, position_embeddings=rope)
     hidden = hidden.detach().requires_grad_(True)
     wanted = set(layers)
     with torch.enable_grad():
         for i in range(first, len(inner.layers)):
             if i in wanted:
                 captured.append(hidden)
-            hidden = inner.layers[i](hidden, attention_mask=None, position_embeddings=rope)
+            hidden = inner.layers[i](hidden, attention_mask=causal, position_embeddings=rope)
         loss = lm_loss_from_hidden(model, hidden, labels).sum()
         grads = torch.autograd.grad(loss, captured)
     return torch.stack([(g.float() * h.detach().float()).sum(-1) for g, h in zip(grads, captured)], dim=1)

@@ -20,8 +20,9 @@ def _sample(n: int = 20, prompt_len: int = 12, seed: int = 0):
     return batch.input_ids, batch.labels
 
 
-def test_saliency_matches_autograd_through_the_models_own_forward(arch):
-    model = tiny_model(arch).double()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # eager has no implicit causal mask: it must get one
+def test_saliency_matches_autograd_through_the_models_own_forward(arch, attn):
+    model = tiny_model(arch, attn=attn).double()
     ids, labels = _sample()
     sal = compute_saliency(model, ids, labels, LAYERS)
     out = model(ids, output_hidden_states=True)  # hidden_states[l] is the input of layer l
