@@ -163,7 +163,9 @@ class SDTPEngine:
             if i in stage_at:
                 s = stage_at[i]
                 with stage(timer, f"prefill/prune.{s}"):
-                    scores = self.pruner.score(s, hidden, layer=layer, position_embeddings=(cos, sin), valid=valid)
+                    scores = self.pruner.score(
+                        s, hidden, layer=layer, position_embeddings=(cos, sin), valid=valid, positions=positions
+                    )
                     slots, valid = select(scores, valid, protected, keep_counts(lengths, cfg.keep_ratios[s]))
                     hidden = _gather(hidden, slots)
                     cos, sin = _gather(cos, slots), _gather(sin, slots)

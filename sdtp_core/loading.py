@@ -9,6 +9,7 @@ import torch
 
 from . import fingerprint
 from .embedded import resolve_pretrained
+from .oracle import ORACLE, SaliencyOracle
 from .pruner import TokenPruner
 from .scorers import is_training_free, training_free
 
@@ -125,7 +126,8 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     fits its architecture, a warning if its weights differ from the model it was trained on);
     ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
     ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens) or ``"norm"`` (training-free
-    scorers, :mod:`sdtp_core.scorers`); or ``None``
+    scorers, :mod:`sdtp_core.scorers`); ``"saliency"`` (the answer-aware oracle of :mod:`sdtp_core.oracle`,
+    analysis only); or ``None``
     (:data:`DEFAULT_PRUNER`, for every model).
     ``layers`` / ``keep_ratio`` override the schedule; with a trained pruner only a keep ratio change
     is allowed (its scorers are tied to their layers).
@@ -145,6 +147,10 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
         pruner = TokenPruner.for_model(model, layers=layers, **kwargs)
         pruner.source = RANDOM_PRUNER
         return pruner
+    if spec == ORACLE:
+        scorer = SaliencyOracle(PrunerConfig.for_model(model.config, layers=layers, **kwargs))
+        scorer.source = ORACLE
+        return scorer
     if is_training_free(spec):
         scorer = training_free(spec, PrunerConfig.for_model(model.config, layers=layers, **kwargs))
         scorer.source = spec

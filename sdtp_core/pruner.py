@@ -50,8 +50,9 @@ class TokenPruner(nn.Module):
     def score(self, stage: int, hidden_states: torch.Tensor, **context) -> torch.Tensor:
         """Scores of stage ``stage`` for ``hidden_states`` (batch, seq, hidden); higher means keep.
 
-        ``context`` (the stage's decoder layer, rotary embeddings, live slots) is what training-free
-        scorers (:mod:`sdtp_core.scorers`) use; the trained MLPs read the hidden states only."""
+        ``context`` (the stage's decoder layer, rotary embeddings, live slots, original positions) is what
+        training-free scorers (:mod:`sdtp_core.scorers`) and the oracle (:mod:`sdtp_core.oracle`) use; the
+        trained MLPs read the hidden states only."""
         scorer = self.stages[stage]
         return scorer(hidden_states.to(scorer.fc1.weight.dtype))
 

@@ -252,11 +252,14 @@ class SDTPLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         # Remember, for every model input lm-eval will build, how many continuation logits it reads
         # and which requests it answers.
+        # (The last token of each continuation is kept too: pruner=saliency needs the whole answer.)
         self._scoring = {}
         for key, context_enc, continuation_enc in requests:
-            inp = tuple((context_enc + continuation_enc)[-(self.max_length + 1) :][:-1])
-            contlen, keys = self._scoring.get(inp, (0, []))
-            self._scoring[inp] = (max(contlen, len(continuation_enc)), keys + self._request_keys.get(key, []))
+            whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
+            inp = tuple(whole[:-1])
+            contlen, keys, last = self._scoring.get(inp, (0, [], set()))
+            entry = (max(contlen, len(continuation_enc)), keys + self._request_keys.get(key, []), last | {whole[-1]})
+            self._scoring[inp] = entry
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
@@ -270,15 +273,16 @@ class SDTPLM(HFLM):
         finally:
             self._probing = False
 
-    def _lookup(self, row: torch.Tensor) -> tuple[int, int, list]:
-        """(input length, continuation length, request keys) of a right-padded row lm-eval built."""
+    def _lookup(self, row: torch.Tensor) -> tuple[int, int, list, set]:
+        """(input length, continuation length, request keys, last continuation tokens) of a right-padded
+        row lm-eval built."""
         tokens = row.tolist()
         nonzero = [i for i, t in enumerate(tokens) if t != 0]
         start = nonzero[-1] + 1 if nonzero else 1
         for length in range(start, len(tokens) + 1):
             hit = self._scoring.get(tuple(tokens[:length]))
             if hit is not None:
-                return length, hit[0], hit[1]
+                return length, *hit
         raise RuntimeError("sdtp: could not match a model input to its loglikelihood request")
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
@@ -288,14 +292,16 @@ class SDTPLM(HFLM):
         found = [self._lookup(row) for row in inps]
         mask = torch.zeros_like(inps)
         protect = torch.zeros_like(inps, dtype=torch.bool)
-        for b, (length, contlen, _) in enumerate(found):
+        for b, (length, contlen, _, _) in enumerate(found):
             mask[b, :length] = 1
             protect[b, length - contlen : length] = True
-        keep = max(contlen for _, contlen, _ in found)
+        if getattr(self.pruner_module, "needs_targets", False):
+            self.pruner_module.prepare(self.model, inps, mask, _answer_labels(inps, found))
+        keep = max(contlen for _, contlen, _, _ in found)
         result = self.engine.prefill(inps, mask, protect=protect, logits_to_keep=keep, use_cache=False)
         logits = torch.zeros(batch, width, result.logits.shape[-1], dtype=result.logits.dtype, device=inps.device)
         positions = result.positions[:, -keep:]
-        for b, (_, contlen, keys) in enumerate(found):
+        for b, (_, contlen, keys, _) in enumerate(found):
             pos = positions[b, -contlen:]
             logits[b, pos] = result.logits[b, -contlen:]
             self._record(keys, result, b)
@@ -368,6 +374,11 @@ class SDTPLM(HFLM):
         return out.text
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        if getattr(self.pruner_module, "needs_targets", False):
+            raise ValueError(
+                f"pruner={self.pruner_spec} is an oracle computed from the answer, so it cannot prune a prompt "
+                "whose answer is being generated: use it on loglikelihood tasks (e.g. longbench_nll_*)"
+            )
         self._gen_requests = _keys_by(requests, lambda req: req.args[0])
         try:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
@@ -568,6 +579,24 @@ def _load_compressor(compress, rate: float, model: str | None):
         raise ImportError(
             f"compress=llmlingua needs the peers extra in its own environment (docs/peers.md): {e}"
         ) from e
+
+
+def _answer_labels(inps: torch.Tensor, found: list[tuple[int, int, list, set]]) -> torch.Tensor:
+    """(batch, width) the continuation token each position of a loglikelihood batch predicts, -100 elsewhere.
+
+    Row ``b``'s input is context + continuation minus its last token, so the last ``contlen`` positions
+    predict the continuation: the input's own next tokens, then the last token lm-eval left out."""
+    labels = torch.full_like(inps, -100)
+    for b, (length, contlen, _, last) in enumerate(found):
+        if len(last) != 1:
+            raise ValueError(
+                "pruner=saliency computes its scores from the one answer a context is scored with; this batch "
+                "scores several continuations of one input (a multiple-choice task): use a task with one "
+                "continuation per context (e.g. longbench_nll_*)"
+            )
+        labels[b, length - contlen : length - 1] = inps[b, length - contlen + 1 : length]
+        labels[b, length - 1] = next(iter(last))
+    return labels
 
 
 def _keys_by(requests, key) -> dict:
