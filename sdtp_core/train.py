@@ -1,9 +1,10 @@
-"""Train SDTP pruning modules: ``python -m sdtp_core.train {saliency,prune,all} --out DIR ...``.
+"""Train SDTP pruning modules: ``python -m sdtp_core.train {saliency,prune,all,fit} --out DIR ...``.
 
 Stage 1 (``saliency``) stores gradient-times-input saliency of the frozen model (:mod:`.saliency`).
 Stage 2 (``prune``) trains only the pruner, with pruning simulated by attention masks
 (:mod:`.masked_forward`) and the loss ``w_lm * L_lm + w_mse * L_mse + w_rank * L_rank`` (:mod:`.losses`).
-``all`` runs both. Data-parallel with ``accelerate launch [--cpu] --num_processes N -m sdtp_core.train``.
+``all`` runs both. ``fit`` is a fast Stage 2 without the LM loss, on cached unpruned hidden states
+(:mod:`.fit`). Data-parallel with ``accelerate launch [--cpu] --num_processes N -m sdtp_core.train``.
 
 Outputs under ``--out``: ``train_config.json`` (effective settings), ``saliency/`` (Stage 1 shards),
 ``saliency_summary.json`` + ``.png``, ``log.jsonl`` (one line per optimizer step), ``checkpoints/``
@@ -37,7 +38,7 @@ from .pruner import TokenPruner
 from .saliency import SaliencyMismatchError, SaliencyStore, run_saliency, summarize
 from .train_data import DEFAULT_DATA, FORMATS, Example, TrainDataError, collate, load_examples
 
-STAGES = ("saliency", "prune", "all")
+STAGES = ("saliency", "prune", "all", "fit")
 
 
 class TrainConfigError(ValueError):
@@ -131,6 +132,8 @@ class TrainConfig:
             raise TrainConfigError("--warmup must be in [0, 1) and --min-lr-ratio in [0, 1]")
         if self.stage != "saliency" and self.loss_weights() == (0.0, 0.0, 0.0):
             raise TrainConfigError("all loss terms are disabled: nothing to train")
+        if self.stage == "fit" and self.loss_weights()[1:] == (0.0, 0.0):
+            raise TrainConfigError("the fit stage trains on the MSE and ranking losses only; both are disabled")
 
     def loss_weights(self) -> tuple[float, float, float]:
         """Effective ``(w_lm, w_mse, w_rank)`` after the ablation switches."""
@@ -155,7 +158,10 @@ class TrainConfig:
             "shard_size",
             "saliency_batch_size",
         }
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if self.stage == "fit":  # cached-feature checkpoints must never resume a Stage 2 run, or vice versa
+            settings["objective"] = "fit"
+        return settings
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,7 +214,7 @@ HELP = {
     "checkpoint_every": "save a resumable Stage 2 checkpoint every N optimizer steps",
     "keep_checkpoints": "how many of the newest checkpoints to keep",
     "resume": "continue Stage 2 from the newest checkpoint in OUT/checkpoints (Stage 1 always skips stored samples)",
-    "stop_after_steps": "stop Stage 2 after N optimizer steps in this run, as if killed (for time-slicing; "
+    "stop_after_steps": "stop Stage 2 (or fit) after N optimizer steps in this run, as if killed (for time-slicing; "
     "continue with --resume)",
     "threads": "torch CPU threads (default: torch's choice)",
 }
@@ -226,14 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sdtp_core.train",
         description="Train SDTP pruning modules. Stage 1 'saliency' computes gradient-times-input token saliency "
         "of the frozen model; Stage 2 'prune' trains the pruners with LM + MSE + ranking losses under simulated "
-        "pruning; 'all' runs both. Settings may come from --config FILE (YAML or JSON, keys as the long option "
-        "names); command-line options override the file.",
+        "pruning; 'all' runs both; 'fit' is a fast Stage 2 on cached unpruned hidden states with the MSE + ranking "
+        "losses only (needs Stage 1's saliency; --w-lm does not apply). Settings may come from --config FILE "
+        "(YAML or JSON, keys as the long option names); command-line options override the file.",
     )
     defaults = TrainConfig()
     p.add_argument(
-        "stage_pos", nargs="?", choices=STAGES, metavar="STAGE", help="saliency | prune | all (same as --stage)"
+        "stage_pos", nargs="?", choices=STAGES, metavar="STAGE", help="saliency | prune | all | fit (same as --stage)"
     )
-    p.add_argument("--stage", choices=STAGES, default=None, help="saliency | prune | all (default: all)")
+    p.add_argument("--stage", choices=STAGES, default=None, help="saliency | prune | all | fit (default: all)")
     p.add_argument("--config", default=None, help="YAML or JSON file of settings (CLI options override it)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("stage", "config"):
@@ -570,13 +577,18 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
             print(f"stopped after step {stop_at} of {total_steps}; continue with --resume", file=sys.stderr)
         return final
     if accelerator.is_main_process:
-        tmp = out / ".pruner.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pruner.eval().save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        save_pruner(pruner, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_pruner(pruner: TokenPruner, final: Path) -> None:
+    """Write the trained pruner to ``final`` atomically (a temporary directory, then a rename)."""
+    tmp = final.with_name("." + final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pruner.eval().save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -642,6 +654,12 @@ def run(cfg: TrainConfig) -> Path:
             print("saliency sparsity per layer:", dict(zip(summary["layers"], summary["fraction_above_10pct_of_max"])))
     if cfg.stage in ("prune", "all"):
         train_pruner(cfg, accelerator, model, examples, model_name, pad_id)
+    if cfg.stage == "fit":
+        if accelerator.num_processes > 1:
+            raise TrainConfigError("the fit stage runs in one process (its per-step work is a few small MLPs)")
+        from .fit import fit_pruner
+
+        fit_pruner(cfg, model, examples, model_name)
     accelerator.wait_for_everyone()
     return out
 

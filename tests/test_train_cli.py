@@ -257,3 +257,62 @@ def test_sigkill_at_an_arbitrary_point_then_resume_is_bit_identical(work, tmp_pa
     assert main(_args(work, out, *common, "--resume")) == 0
     a, b = _weights(ref), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fit_args(work: dict, out: Path, *extra: str) -> list[str]:
+    return ["fit", *_args(work, out, *extra)[1:]]
+
+
+def test_fit_caches_the_unpruned_states_and_fits_the_saliency(work, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sdtp_core.fit import sample_loss
+    from sdtp_core.saliency import SaliencyStore
+
+    out = tmp_path / "fit"
+    assert main(_fit_args(work, out, "--epochs", "30", "--lr", "2e-2", "--warmup", "0")) == 0
+    log = _log(out)
+    assert len(log) == 180 and {"mse", "rank", "loss", "lr"} <= set(log[0])
+    first, last = (sum(r["mse"] for r in rows) / 6 for rows in (log[:6], log[-6:]))
+    assert last < 0.8 * first, (first, last)
+
+    # The cached states are the plain transformers forward's inputs of the stage layers (prompt tokens).
+    model = AutoModelForCausalLM.from_pretrained(work["model"]).eval()
+    store = SaliencyStore(work["saliency"])
+    sample = store.get(0)
+    h = load_file(str(out / "features" / "feat-0.safetensors"))["h"]
+    with torch.no_grad():
+        states = model(sample.ids[None, : sample.prompt_len], output_hidden_states=True).hidden_states
+    assert h.shape == (3, sample.prompt_len, model.config.hidden_size)
+    for s, layer in enumerate([1, 3, 4]):
+        torch.testing.assert_close(h[s].float(), states[layer][0], atol=0.05, rtol=0.02)  # stored in bf16
+
+    # The fitted pruner beats a fresh one on the loss it was fitted to, and the engine runs it.
+    fitted = TokenPruner.from_pretrained(out / "pruner")
+    fresh = TokenPruner(fitted.config)
+    target = sample.saliency[:, : sample.prompt_len].abs()
+    with torch.no_grad():
+        losses = [
+            float(sample_loss(p, h, target, (1.0, 1.0), 16384, torch.Generator().manual_seed(0))[0])
+            for p in (fitted, fresh)
+        ]
+    assert losses[0] < losses[1] - 0.5, losses
+    assert SDTPEngine(model, fitted).prefill(torch.randint(0, 90, (1, 40)), use_cache=False).kept_counts[0, -1] < 40
+
+
+def test_fit_resumes_bit_identically_and_never_from_a_stage2_checkpoint(work, tmp_path, capsys):
+    common = ("--epochs", "2", "--checkpoint-every", "2")
+    ref, sliced = tmp_path / "ref", tmp_path / "sliced"
+    assert main(_fit_args(work, ref, *common)) == 0
+    assert main(_fit_args(work, sliced, *common, "--stop-after-steps", "5")) == 0
+    assert not (sliced / "pruner").exists()
+    assert main(_fit_args(work, sliced, *common, "--resume")) == 0
+    a, b = _weights(ref), _weights(sliced)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    stage2 = tmp_path / "stage2"
+    assert main(_args(work, stage2, "--stop-after-steps", "1")) == 0
+    assert main(_fit_args(work, stage2, "--resume")) == 2
+    assert "settings changed since it was written: ['objective']" in capsys.readouterr().err
+    assert main(_fit_args(work, tmp_path / "none", "--no-rank", "--no-mse")) == 2
+    assert "MSE and ranking losses only" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""Stage 2 on cached hidden states: fit the scorers to the Stage 1 saliency with the MSE and ranking losses.
+
+``python -m sdtp_core.train fit --saliency-dir SAL --out DIR ...`` (the data settings of Stage 1).
+
+Stage 2 proper (:func:`sdtp_core.train.train_pruner`) runs the frozen model with simulated pruning for
+every sample at every optimizer step. On a CPU that allows a few dozen steps an hour: the long-input run
+of ``results/retention.md`` made 40 steps in 64 minutes, its ranking loss still falling. Here the model runs
+once per sample, unpruned, to cache the hidden state at the input of each stage layer (the state Stage 1
+defines the saliency on, and the one each scorer reads); then only the scorer MLPs train, on
+``w_mse * L_mse + w_rank * L_rank`` (:mod:`.losses`) over each sample's unprotected prompt tokens, for as
+many epochs as wanted, seconds each. What it leaves out is what needs the pruned forward: the LM loss and
+the pruned hidden states that later stages see at inference.
+
+Outputs under ``--out``: ``features/`` (one safetensors file of stage-layer states per sample, bf16, written
+atomically, reused by later runs), ``log.jsonl``, ``checkpoints/`` (resumable like Stage 2) and ``pruner/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .losses import mse_loss_per_sample, rank_loss_per_sample
+from .pruner import TokenPruner
+from .saliency import SaliencyStore
+from .selection import protected_mask
+from .train_data import Example
+
+
+@torch.no_grad()
+def cache_features(model, examples: list[Example], layers: list[int], directory: Path) -> None:
+    """Store each example's prompt hidden states at the input of ``layers`` (stages, prompt_len, hidden),
+    from the unpruned forward, as ``directory/feat-<sample_id>.safetensors``; stored samples are skipped."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"model": getattr(model, "name_or_path", ""), "layers": list(layers), "hidden": model.config.hidden_size}
+    meta_path = directory / "meta.json"
+    if meta_path.is_file():
+        stored = json.loads(meta_path.read_text())
+        if stored != meta:
+            raise ValueError(f"{directory} holds features of another model or schedule ({stored} vs {meta})")
+    else:
+        meta_path.write_text(json.dumps(meta))
+    pending = [e for e in examples if not (directory / f"feat-{e.sample_id}.safetensors").is_file()]
+    device = next(model.parameters()).device
+    for e in tqdm(pending, desc="features", unit="sample"):
+        ids = torch.tensor([e.ids[: e.prompt_len]], device=device)
+        states = model(ids, output_hidden_states=True).hidden_states  # states[i] is the input of layer i
+        h = torch.stack([states[layer][0] for layer in layers]).to(torch.bfloat16).cpu().contiguous()
+        path = directory / f"feat-{e.sample_id}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"h": h}, str(tmp))
+        os.replace(tmp, path)
+
+
+def sample_loss(
+    pruner: TokenPruner,
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    weights: tuple[float, float],
+    max_pairs: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, mse, rank) of one sample, summed over stages, on its unprotected prompt tokens.
+
+    Args:
+        hidden: (stages, prompt_len, hidden) cached states; target: (stages, prompt_len) ``|saliency|``.
+        weights: ``(w_mse, w_rank)``.
+    """
+    cfg = pruner.config
+    n = hidden.shape[1]
+    decided = ~protected_mask(torch.ones(1, n, dtype=torch.long), cfg.keep_first, cfg.keep_recent)
+    mse = rank = torch.zeros(1)
+    for s in range(cfg.num_stages):
+        pred = pruner.score(s, hidden[s][None].float()).float()
+        if weights[0] > 0:
+            mse = mse + mse_loss_per_sample(pred, target[s][None], decided)
+        if weights[1] > 0:
+            rank = rank + rank_loss_per_sample(pred, target[s][None], decided, max_pairs, generator)
+    return weights[0] * mse + weights[1] * rank, mse, rank
+
+
+@torch.enable_grad()
+def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
+    """Cache the features, then fit a fresh pruner; returns ``OUT/pruner``. ``cfg`` is a
+    :class:`~sdtp_core.train.TrainConfig` (its Stage 2 optimizer, schedule, checkpoint and loss settings)."""
+    from .train import (
+        TrainConfigError,
+        epoch_order,
+        load_checkpoint,
+        lr_lambda,
+        pruner_config,
+        saliency_targets,
+        sample_generator,
+        save_checkpoint,
+        save_pruner,
+        truncate_log,
+    )
+
+    out = Path(cfg.out)
+    pcfg = pruner_config(cfg, model.config)
+    store = SaliencyStore(cfg.saliency_path)
+    store.check(model.config, pcfg.layers, examples, model_name)
+    features = out / "features"
+    cache_features(model, examples, pcfg.layers, features)
+    _, w_mse, w_rank = cfg.loss_weights()
+
+    torch.manual_seed(cfg.seed)
+    pruner = TokenPruner(pcfg).float().train()
+    optimizer = torch.optim.AdamW(pruner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(examples) / batch)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    log_path = out / "log.jsonl"
+    if (out / "checkpoints" / "latest").is_file() and not cfg.resume:
+        raise TrainConfigError(f"{out} already has checkpoints: pass --resume to continue, or use a new --out")
+    start = load_checkpoint(out, pruner, optimizer, scheduler, cfg) if cfg.resume else 0
+    if start == 0 and log_path.exists():
+        log_path.unlink()
+    truncate_log(log_path, start)
+
+    stop_at = total_steps if cfg.stop_after_steps is None else min(total_steps, start + cfg.stop_after_steps)
+    bar = tqdm(range(start, stop_at), initial=start, total=total_steps, desc="fit", unit="step")
+    for step in bar:
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, steps_per_epoch)
+        chosen = [examples[i] for i in epoch_order(len(examples), cfg.seed, epoch)[k * batch : (k + 1) * batch]]
+        sums = torch.zeros(3, dtype=torch.float64)
+        for e in chosen:
+            hidden = load_file(str(features / f"feat-{e.sample_id}.safetensors"))["h"]
+            target = saliency_targets(store, [e], pcfg.layers, e.length)[:, 0, : e.prompt_len]
+            generator = sample_generator(cfg.seed, step, e.sample_id)
+            total, mse, rank = sample_loss(pruner, hidden, target, (w_mse, w_rank), cfg.max_pairs, generator)
+            (total.sum() / len(chosen)).backward()
+            sums += torch.tensor([float(x.detach().sum()) for x in (total, mse, rank)], dtype=torch.float64)
+        grad_norm = torch.nn.utils.clip_grad_norm_(pruner.parameters(), cfg.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        means = (sums / len(chosen)).tolist()
+        record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": means[0], "mse": means[1], "rank": means[2]}
+        record.update(grad_norm=float(grad_norm), seconds=round(time.perf_counter() - t0, 3))
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(mse=f"{means[1]:.3f}", rank=f"{means[2]:.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop_at:
+            save_checkpoint(out, step + 1, pruner, optimizer, scheduler, cfg)
+    bar.close()
+
+    final = out / "pruner"
+    if stop_at == total_steps:
+        save_pruner(pruner, final)
+    return final
