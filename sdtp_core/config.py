@@ -52,6 +52,12 @@ class PrunerConfig:
             state divided by its root mean square first, parameter-free; the residual stream's norm grows
             ~6x from layer 4 to 22 in the embedded model, see docs/training.md). Configs written before
             this field existed load as ``"none"``.
+        query: the scorer also reads the prompt's question (not in the paper). In a causal model a token's
+            hidden state cannot depend on the question that follows it in a long-context prompt; the
+            protected most recent tokens (``keep_recent``) have read the whole prompt. With ``query`` each
+            stage's MLP reads ``[x, x * q]``: ``x`` the token's RMS-normalised state, ``q`` the mean
+            RMS-normalised state of the prompt's protected most recent tokens. Needs ``input_norm="rms"``.
+            Configs written before this field existed load as ``False``.
     """
 
     hidden_size: int
@@ -62,6 +68,7 @@ class PrunerConfig:
     keep_recent: float = 0.1
     mlp_ratio: float = 0.125
     input_norm: str = "none"
+    query: bool = False
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
@@ -92,6 +99,11 @@ class PrunerConfig:
     def scorer_hidden(self) -> int:
         return max(1, int(round(self.hidden_size * self.mlp_ratio)))
 
+    @property
+    def scorer_input(self) -> int:
+        """Width of each scorer MLP's input: the hidden state, and with ``query`` its product with the query."""
+        return self.hidden_size * (2 if self.query else 1)
+
     def validate(self) -> None:
         """Raise :class:`PrunerConfigError` naming the first problem found."""
         if self.hidden_size <= 0 or self.num_hidden_layers <= 0:
@@ -119,6 +131,8 @@ class PrunerConfig:
             raise PrunerConfigError(f"mlp_ratio {self.mlp_ratio} is outside (0, 4]")
         if self.input_norm not in INPUT_NORMS:
             raise PrunerConfigError(f"input_norm {self.input_norm!r} is not one of {', '.join(INPUT_NORMS)}")
+        if self.query and self.input_norm != "rms":
+            raise PrunerConfigError("query scorers read RMS-normalised states: set input_norm to 'rms'")
 
     def check_model(self, model_config) -> None:
         """Raise if this pruner was built for a model of another shape than ``model_config``."""

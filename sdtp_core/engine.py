@@ -164,7 +164,13 @@ class SDTPEngine:
                 s = stage_at[i]
                 with stage(timer, f"prefill/prune.{s}"):
                     scores = self.pruner.score(
-                        s, hidden, layer=layer, position_embeddings=(cos, sin), valid=valid, positions=positions
+                        s,
+                        hidden,
+                        layer=layer,
+                        position_embeddings=(cos, sin),
+                        valid=valid,
+                        positions=positions,
+                        lengths=lengths,
                     )
                     slots, valid = select(scores, valid, protected, keep_counts(lengths, cfg.keep_ratios[s]))
                     hidden = _gather(hidden, slots)

@@ -76,9 +76,10 @@ def sample_loss(
     cfg = pruner.config
     n = hidden.shape[1]
     decided = ~protected_mask(torch.ones(1, n, dtype=torch.long), cfg.keep_first, cfg.keep_recent)
+    context = {"positions": torch.arange(n)[None], "lengths": torch.tensor([n]), "valid": torch.ones(1, n, dtype=bool)}
     mse = rank = torch.zeros(1)
     for s in range(cfg.num_stages):
-        pred = pruner.score(s, hidden[s][None].float()).float()
+        pred = pruner.score(s, hidden[s][None].float(), **context).float()
         if weights[0] > 0:
             mse = mse + mse_loss_per_sample(pred, target[s][None], decided)
         if weights[1] > 0:

@@ -57,7 +57,7 @@ def prefill_flops(
     per_layer = [layer_flops(config, k) for k in kept_counts]
     scorer = 0.0
     if pruner is not None:
-        h, hid = pruner.hidden_size, pruner.scorer_hidden
+        h, hid = pruner.scorer_input, pruner.scorer_hidden
         scorer = sum(2 * kept_counts[layer - 1] * (h * hid + hid) for layer in pruner.layers)
     lm_head = 2 * n_logits * config.hidden_size * config.vocab_size
     return PrefillFlops(per_layer=per_layer, pruner=scorer, lm_head=lm_head)

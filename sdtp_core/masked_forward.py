@@ -252,7 +252,7 @@ def masked_forward(
         for i in range(first, len(inner.layers)):
             if i in stage_at:
                 s = stage_at[i]
-                scores = pruner.score(s, hidden).float()
+                scores = pruner.score(s, hidden, positions=positions, lengths=prompt_len, valid=prompt).float()
                 decided = alive & prompt & ~protect
                 kept_prompt = keep_counts(prompt_len, cfg.keep_ratios[s])
                 n_fixed = (alive & prompt & protect).sum(1)

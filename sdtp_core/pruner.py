@@ -10,27 +10,37 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import PrunerConfig, PrunerConfigError
+from .selection import recent_slots
 
 WEIGHTS_NAME = "model.safetensors"
+
+
+def rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x`` divided by its root mean square over the last dimension (no parameters)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 class StageScorer(nn.Module):
     """``score = W2 · GELU(W1 · h + b1) + b2``: one importance score per token from its hidden state.
 
     With ``input_norm="rms"``, ``h`` is first divided by its root mean square (no parameters), so every
-    stage's MLP sees inputs of the same scale whatever the depth."""
+    stage's MLP sees inputs of the same scale whatever the depth. With ``query`` the MLP reads
+    ``[h, h * q]`` for a per-row query vector ``q`` (see :class:`~sdtp_core.config.PrunerConfig`)."""
 
-    def __init__(self, hidden_size: int, scorer_hidden: int, input_norm: str = "none"):
+    def __init__(self, hidden_size: int, scorer_hidden: int, input_norm: str = "none", query: bool = False):
         super().__init__()
         self.input_norm = input_norm
-        self.fc1 = nn.Linear(hidden_size, scorer_hidden)
+        self.query = query
+        self.fc1 = nn.Linear(hidden_size * (2 if query else 1), scorer_hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(scorer_hidden, 1)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, hidden) -> (batch, seq) scores, in the input's dtype."""
+    def forward(self, hidden_states: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq, hidden) [and (batch, hidden) ``query``] -> (batch, seq) scores, in the input's dtype."""
         if self.input_norm == "rms":
-            hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + 1e-6)
+            hidden_states = rms_normalize(hidden_states)
+        if self.query:
+            hidden_states = torch.cat([hidden_states, hidden_states * query[:, None, :]], dim=-1)
         return self.fc2(self.act(self.fc1(hidden_states))).squeeze(-1)
 
 
@@ -44,17 +54,28 @@ class TokenPruner(nn.Module):
         super().__init__()
         self.config = config
         self.stages = nn.ModuleList(
-            StageScorer(config.hidden_size, config.scorer_hidden, config.input_norm) for _ in range(config.num_stages)
+            StageScorer(config.hidden_size, config.scorer_hidden, config.input_norm, config.query)
+            for _ in range(config.num_stages)
         )
 
     def score(self, stage: int, hidden_states: torch.Tensor, **context) -> torch.Tensor:
         """Scores of stage ``stage`` for ``hidden_states`` (batch, seq, hidden); higher means keep.
 
-        ``context`` (the stage's decoder layer, rotary embeddings, live slots, original positions) is what
-        training-free scorers (:mod:`sdtp_core.scorers`) and the oracle (:mod:`sdtp_core.oracle`) use; the
-        trained MLPs read the hidden states only."""
+        ``context`` (the stage's decoder layer, rotary embeddings, live slots ``valid``, original
+        ``positions``, prompt ``lengths``) is what training-free scorers (:mod:`sdtp_core.scorers`) and the
+        oracle (:mod:`sdtp_core.oracle`) use; the trained MLPs read the hidden states, and a ``query`` pruner
+        also the mean of the prompt's protected most recent states (``positions``, ``lengths``, ``valid``)."""
         scorer = self.stages[stage]
-        return scorer(hidden_states.to(scorer.fc1.weight.dtype))
+        hidden_states = hidden_states.to(scorer.fc1.weight.dtype)
+        if not self.config.query:
+            return scorer(hidden_states)
+        missing = [name for name in ("positions", "lengths", "valid") if context.get(name) is None]
+        if missing:
+            raise ValueError(f"a query pruner needs {missing} to find the prompt's most recent tokens")
+        recent = recent_slots(context["positions"], context["lengths"], self.config.keep_recent) & context["valid"]
+        weights = recent.to(hidden_states.dtype)[:, :, None]
+        query = (rms_normalize(hidden_states) * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return scorer(hidden_states, query)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``."""

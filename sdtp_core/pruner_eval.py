@@ -84,6 +84,8 @@ def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0)
         recent = protect.nonzero().flatten()[-max(1, int(protect[e.prompt_len // 2 :].sum())) :]
         hidden, attention = _stage_inputs(model, batch.input_ids, cfg.layers, recent.to(device))
         n_prompt = torch.tensor([e.prompt_len])
+        positions = torch.arange(e.length, device=device)[None]
+        real = torch.ones(1, e.length, dtype=torch.bool, device=device)
         for s in range(cfg.num_stages):
             c = candidates.nonzero().flatten()
             if c.numel() < 2:
@@ -92,7 +94,9 @@ def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0)
             k = max(0, min(k, c.numel()))
             target = saliency[s, c]
             scores = {
-                "pruner": pruner.score(s, hidden[s]).float()[0].cpu()[c],
+                "pruner": pruner.score(s, hidden[s], positions=positions, lengths=n_prompt, valid=real)
+                .float()[0]
+                .cpu()[c],
                 "random": torch.rand(c.numel(), generator=generator),
                 "attention": attention[s].float().cpu()[c],
             }

@@ -39,6 +39,14 @@ def recent_count(n: int, keep_recent: float) -> int:
     return min(n, max(1, math.ceil(round(keep_recent * n, 6))))
 
 
+def recent_slots(positions: torch.Tensor, lengths: torch.Tensor, keep_recent: float) -> torch.Tensor:
+    """(batch, k) which slots hold one of the protected most recent tokens of their row's prompt: original
+    ``positions`` (batch, k) at or after ``length - recent_count(length)`` and before ``length``."""
+    recent = torch.tensor([recent_count(int(n), keep_recent) for n in lengths.flatten().tolist()])
+    first = (lengths.flatten() - recent.to(lengths.device))[:, None]
+    return (positions >= first) & (positions < lengths.flatten()[:, None])
+
+
 def protected_mask(
     attention_mask: torch.Tensor, keep_first: int, keep_recent: float, extra: torch.Tensor | None = None
 ) -> torch.Tensor:

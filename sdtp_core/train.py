@@ -66,6 +66,7 @@ class TrainConfig:
     keep_recent: float = 0.1
     mlp_ratio: float = 0.125
     scorer_input_norm: str = "none"
+    scorer_query: bool = False
     saliency_batch_size: int = 1
     shard_size: int = 64
     epochs: int = 1
@@ -192,6 +193,8 @@ HELP = {
     "mlp_ratio": "hidden width of each scorer MLP as a fraction of the model's hidden size",
     "scorer_input_norm": "none (the paper: the scorer reads the raw hidden state) or rms (divided by its root "
     "mean square first; the hidden-state norm grows ~6x with depth)",
+    "scorer_query": "each scorer also reads the mean state of the prompt's protected most recent tokens, where "
+    "the question of a long-context prompt sits (not in the paper; needs --scorer-input-norm rms)",
     "saliency_batch_size": "samples per Stage 1 forward/backward",
     "shard_size": "samples per Stage 1 safetensors shard (the unit of resumption)",
     "epochs": "Stage 2 passes over the data",
@@ -320,6 +323,7 @@ def pruner_config(cfg: TrainConfig, model_config) -> PrunerConfig:
         keep_recent=cfg.keep_recent,
         mlp_ratio=cfg.mlp_ratio,
         input_norm=cfg.scorer_input_norm,
+        query=cfg.scorer_query,
     )
 
 
@@ -422,7 +426,8 @@ def load_checkpoint(out: Path, pruner, optimizer, scheduler, cfg: TrainConfig) -
     ckpt = root / (root / "latest").read_text().strip()
     state = json.loads((ckpt / "state.json").read_text())
     now = cfg.fingerprint()
-    changed = sorted(k for k in now if state["config"].get(k) != now[k])
+    defaults = dataclasses.asdict(TrainConfig())  # settings added later: an older checkpoint used their default
+    changed = sorted(k for k in now if state["config"].get(k, defaults.get(k)) != now[k])
     if changed:
         raise TrainConfigError(f"cannot resume from {ckpt}: settings changed since it was written: {changed}")
     pruner.load_state_dict(load_file(str(ckpt / "pruner.safetensors")))

@@ -38,7 +38,9 @@ def mask_simulated_forward(model, pruner, ids: list[int], n_prompt: int | None =
     for i, layer in enumerate(inner.layers):
         if i in stage_at:
             s = stage_at[i]
-            scores = pruner.score(s, hidden)[0].tolist()
+            positions, valid = torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool)
+            scores = pruner.score(s, hidden, positions=positions, lengths=torch.tensor([n_prompt]), valid=valid)
+            scores = scores[0].tolist()
             live = [j for j in range(n_prompt) if alive[j]]
             keep = keep_count(cfg.keep_ratios[s], n_prompt)
             must = [j for j in live if j in protected]

@@ -67,10 +67,11 @@ def test_greedy_generation_token_identical_to_model_generate(arch):
         assert torch.equal(out.sequences, ref)
 
 
+@pytest.mark.parametrize("query", [False, True])
 @pytest.mark.parametrize("n", [5, 12, 40, 97])
-def test_pruned_logits_equal_mask_simulated_forward(arch, n):
+def test_pruned_logits_equal_mask_simulated_forward(arch, n, query):
     model = tiny_model(arch)
-    pruner = tiny_pruner(model)
+    pruner = tiny_pruner(model, query=query, input_norm="rms" if query else "none")
     ids = prompt(n, seed=n)
     out = SDTPEngine(model, pruner).prefill(ids, logits_to_keep=0)
     ref_logits, alive = mask_simulated_forward(model, pruner, ids[0].tolist())

@@ -75,6 +75,44 @@ def test_configs_written_before_input_norm_load_as_the_raw_input(tmp_path):
     assert PrunerConfig.load(tmp_path).input_norm == "none"
 
 
+def test_query_scorer_reads_the_mean_of_the_prompts_protected_recent_tokens():
+    cfg = PrunerConfig(64, 6, [2], [0.8], keep_recent=0.2, input_norm="rms", query=True)
+    torch.manual_seed(0)
+    pruner = TokenPruner(cfg)
+    assert pruner.stages[0].fc1.in_features == 128 and cfg.scorer_input == 128
+    # Two rows, right-aligned: row 0 has 10 live slots (prompt of 12, two dropped), row 1 has 7 (prompt of 7).
+    h = torch.randn(2, 10, 64)
+    valid = torch.tensor([[True] * 10, [False] * 3 + [True] * 7])
+    positions = torch.tensor([[0, 1, 2, 4, 5, 7, 8, 9, 10, 11], [0, 0, 0, 0, 1, 2, 3, 4, 5, 6]])
+    lengths = torch.tensor([12, 7])
+    scores = pruner.score(0, h, positions=positions, lengths=lengths, valid=valid)
+    stage = pruner.stages[0]
+    for b, recent in enumerate([[7, 8, 9], [8, 9]]):  # ceil(0.2 * 12) = 3: positions 9-11; ceil(0.2 * 7) = 2: 5-6
+        x = h[b] / h[b].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        q = x[recent].mean(0)
+        expected = stage.fc2(stage.act(stage.fc1(torch.cat([x, x * q], -1)))).squeeze(-1)
+        live = valid[b]
+        torch.testing.assert_close(scores[b][live], expected[live], rtol=1e-5, atol=1e-5)
+    # The question changes every score; a token-only scorer ignores it.
+    changed = h.clone()
+    changed[:, -2:] = torch.randn(2, 2, 64)
+    again = pruner.score(0, changed, positions=positions, lengths=lengths, valid=valid)
+    assert not torch.allclose(again[:, :-3], scores[:, :-3], atol=1e-4)
+    with pytest.raises(ValueError, match="needs \\['positions', 'lengths', 'valid'\\]"):
+        pruner.score(0, h)
+    with pytest.raises(PrunerConfigError, match="set input_norm to 'rms'"):
+        PrunerConfig(64, 6, [2], [0.8], query=True)
+
+
+def test_configs_written_before_query_load_as_token_only(tmp_path):
+    PrunerConfig(64, 6, [2], [0.8], input_norm="rms", query=True).save(tmp_path)
+    assert PrunerConfig.load(tmp_path).query is True
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["query"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert PrunerConfig.load(tmp_path).query is False
+
+
 def test_too_many_default_stages_for_a_small_model():
     with pytest.raises(PrunerConfigError, match="cannot place 10 pruning stages"):
         default_layers(6)

@@ -316,3 +316,11 @@ def test_fit_resumes_bit_identically_and_never_from_a_stage2_checkpoint(work, tm
     assert "settings changed since it was written: ['objective']" in capsys.readouterr().err
     assert main(_fit_args(work, tmp_path / "none", "--no-rank", "--no-mse")) == 2
     assert "MSE and ranking losses only" in capsys.readouterr().err
+
+
+def test_fit_trains_a_query_scorer(work, tmp_path):
+    out = tmp_path / "query"
+    args = _fit_args(work, out, "--epochs", "1", "--scorer-query", "--scorer-input-norm", "rms")
+    assert main(args) == 0
+    pruner = TokenPruner.from_pretrained(out / "pruner")
+    assert pruner.config.query and pruner.stages[0].fc1.in_features == 2 * pruner.config.hidden_size
