@@ -11,8 +11,9 @@ defines the saliency on, and the one each scorer reads); then only the scorer ML
 many epochs as wanted, seconds each. What it leaves out is what needs the pruned forward: the LM loss and
 the pruned hidden states that later stages see at inference.
 
-Outputs under ``--out``: ``features/`` (one safetensors file of stage-layer states per sample, bf16, written
-atomically, reused by later runs), ``log.jsonl``, ``checkpoints/`` (resumable like Stage 2) and ``pruner/``.
+The cached states go beside the saliency they pair with, ``SAL/features-<layers>/`` (one safetensors file
+per sample, bf16, written atomically), so every fit on that saliency reuses them. Outputs under ``--out``:
+``log.jsonl``, ``checkpoints/`` (resumable like Stage 2) and ``pruner/``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from .pruner import TokenPruner
 from .saliency import SaliencyStore
 from .selection import protected_mask
 from .train_data import Example
+
+
+def feature_dir(saliency_dir: Path, layers: list[int]) -> Path:
+    """Where the cached states of a schedule's stage layers live, beside the saliency they pair with."""
+    return Path(saliency_dir) / ("features-" + "_".join(str(layer) for layer in layers))
 
 
 @torch.no_grad()
@@ -108,7 +114,7 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
     pcfg = pruner_config(cfg, model.config)
     store = SaliencyStore(cfg.saliency_path)
     store.check(model.config, pcfg.layers, examples, model_name)
-    features = out / "features"
+    features = feature_dir(cfg.saliency_path, pcfg.layers)
     cache_features(model, examples, pcfg.layers, features)
     _, w_mse, w_rank = cfg.loss_weights()
 

@@ -280,7 +280,7 @@ def test_fit_caches_the_unpruned_states_and_fits_the_saliency(work, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(work["model"]).eval()
     store = SaliencyStore(work["saliency"])
     sample = store.get(0)
-    h = load_file(str(out / "features" / "feat-0.safetensors"))["h"]
+    h = load_file(str(work["saliency"] / "features-1_3_4" / "feat-0.safetensors"))["h"]
     with torch.no_grad():
         states = model(sample.ids[None, : sample.prompt_len], output_hidden_states=True).hidden_states
     assert h.shape == (3, sample.prompt_len, model.config.hidden_size)
