@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, default=20, help="number of held-out samples")
     parser.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
     parser.add_argument("--format", default="auto", help="auto, chat or plain (as in training)")
+    parser.add_argument(
+        "--distractor-tokens", type=int, default=0, help="long inputs, as in training (sdtp_core.train --help)"
+    )
     parser.add_argument("--out", default=None, help="write the JSON result here (default: print it)")
     args = parser.parse_args(argv)
 
@@ -131,7 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
     model.requires_grad_(False)
     pruner = load_pruner(args.pruner, model)
-    examples = load_examples(args.data, tokenizer, args.format, args.max_length, args.max_samples, skip=args.skip)
+    examples = load_examples(
+        args.data,
+        tokenizer,
+        args.format,
+        args.max_length,
+        args.max_samples,
+        skip=args.skip,
+        distractor_tokens=args.distractor_tokens,
+    )
     result = evaluate(model, pruner, examples)
     from .bench import machine_info
 
@@ -142,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data,
         "skip": args.skip,
         "max_length": args.max_length,
+        "distractor_tokens": args.distractor_tokens,
         **result,
     }
     print(format_table(result))

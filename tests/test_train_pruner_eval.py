@@ -19,9 +19,10 @@ def test_spearman_and_overlap_hand_values():
     assert topk_overlap(a, torch.tensor([0.0, 5.0, 1.0, 9.0]), 2) == 0.5
 
 
-def test_evaluate_reports_every_stage_and_baseline():
+@pytest.mark.parametrize("query", [False, True])
+def test_evaluate_reports_every_stage_and_baseline(query):
     model = tiny_model("qwen2")
-    pruner = tiny_pruner(model, keep_first=1)
+    pruner = tiny_pruner(model, keep_first=1, query=query, input_norm="rms" if query else "none")
     gen = torch.Generator().manual_seed(0)
     examples = [Example(i, torch.randint(3, 90, (40,), generator=gen).tolist(), 30) for i in range(2)]
     result = evaluate(model, pruner, examples)
