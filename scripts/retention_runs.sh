@@ -18,7 +18,8 @@
 # 35% of every layer's KV entries, SDTP's KV budget at 1/tau 1.53 (the paper's Table 1 peers; generation
 # tasks only, in the peers environment: docs/peers.md). saliency: the answer-aware oracle (SDTP's Stage 1 target
 # computed from the gold answer; analysis only, loglikelihood jobs: nll). Run two at a time on two cores (one
-# torch thread each).
+# torch thread each). llmlingua: LLMLingua v1 with the embedded model as its small LM keeping 65% of each
+# generation prompt (SDTP's 1/tau 1.53), no pruning (peers environment; generation tasks only).
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
@@ -46,6 +47,7 @@ declare -A ARGS=(
   [streaming_llm]="prune=false,press=streaming_llm,press_ratio=0.35"
   [random]="pruner=random,min_prompt_tokens=0"
   [saliency]="pruner=saliency,min_prompt_tokens=0"
+  [llmlingua]="prune=false,compress=llmlingua,compress_rate=0.65"
 )
 mkdir -p "$RUNS/cache"
 
@@ -89,7 +91,7 @@ nll() {  # LongBench answer NLL: first 20 rows of narrativeqa, qasper, hotpotqa_
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle|nll dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|norm|random|snapkv|streaming_llm|saliency [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|ruler|needle|nll dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|norm|random|snapkv|streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"
