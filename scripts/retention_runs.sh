@@ -6,6 +6,7 @@
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #   bash scripts/retention_runs.sh needle dense 2k 55 # the needle depth sweep, first 55 documents (5 per depth)
 #   bash scripts/retention_runs.sh nll dense          # LongBench answer NLL, 46 answers at 2048 tokens
+#   bash scripts/retention_runs.sh nllx dense         # a second answer-NLL set: 41 answers (2wikimqa_e, multifieldqa_en_e)
 #
 # Configurations: dense, default (the package's defaults, spelled out: attention scorer, prompts under 256
 # tokens dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead
@@ -89,9 +90,16 @@ nll() {  # LongBench answer NLL: first 20 rows of narrativeqa, qasper, hotpotqa_
     --use_cache "$RUNS/cache/nll_$1" --output_path "$RUNS/nll/$1"
 }
 
+nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 11 of multifieldqa_en_e (41 answers)
+  [ -d "$RUNS/nllx/$1" ] && return
+  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" \
+    --tasks longbench_nll_2wikimqa_e,longbench_nll_multifieldqa_en_e --limit 30 --log_samples \
+    --use_cache "$RUNS/cache/nllx_$1" --output_path "$RUNS/nllx/$1"
+}
+
 job=${1:-}; shift || true
-if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle|nll dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|norm|random|snapkv|streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
+  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|norm|random|snapkv|streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"

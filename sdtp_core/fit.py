@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .losses import mse_loss_per_sample, rank_loss_per_sample
+from .masked_forward import decoder_parts
 from .pruner import TokenPruner
 from .saliency import SaliencyStore
 from .selection import protected_mask
@@ -57,7 +58,7 @@ def cache_features(model, examples: list[Example], layers: list[int], directory:
     device = next(model.parameters()).device
     for e in tqdm(pending, desc="features", unit="sample"):
         ids = torch.tensor([e.ids[: e.prompt_len]], device=device)
-        states = model(ids, output_hidden_states=True).hidden_states  # states[i] is the input of layer i
+        states = decoder_parts(model)[0](ids, output_hidden_states=True).hidden_states  # [i]: input of layer i
         h = torch.stack([states[layer][0] for layer in layers]).to(torch.bfloat16).cpu().contiguous()
         path = directory / f"feat-{e.sample_id}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
