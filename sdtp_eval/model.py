@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -232,6 +232,14 @@ class SDTPLM(HFLM):
                 f"press={self.press} compresses the KV cache that generation reads; loglikelihood requests are "
                 "scored in one pass with no cache to compress. Run loglikelihood tasks without press."
             )
+        if getattr(self.pruner_module, "needs_targets", False):
+            contexts = Counter(req.args[0] for req in requests)
+            if max(contexts.values(), default=0) > 1:
+                raise ValueError(
+                    f"pruner={self.pruner_spec} computes its scores from the one answer a context is scored with; "
+                    "these requests score several continuations of one context (a multiple-choice task): use a "
+                    "task with one continuation per context (e.g. longbench_nll_*)"
+                )
         self._request_keys = _keys_by(requests, lambda req: req.args)
         try:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
@@ -589,11 +597,7 @@ def _answer_labels(inps: torch.Tensor, found: list[tuple[int, int, list, set]]) 
     labels = torch.full_like(inps, -100)
     for b, (length, contlen, _, last) in enumerate(found):
         if len(last) != 1:
-            raise ValueError(
-                "pruner=saliency computes its scores from the one answer a context is scored with; this batch "
-                "scores several continuations of one input (a multiple-choice task): use a task with one "
-                "continuation per context (e.g. longbench_nll_*)"
-            )
+            raise ValueError("pruner=saliency: two requests share one model input but end in different answers")
         labels[b, length - contlen : length - 1] = inps[b, length - contlen + 1 : length]
         labels[b, length - 1] = next(iter(last))
     return labels

@@ -105,6 +105,7 @@ def test_lm_eval_oracle_reads_the_continuation_and_refuses_generation_and_multip
 
     with pytest.raises(ValueError, match="oracle"):
         lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"]}), 0, ("copa", 0, 1))])
-    choices = [Instance("loglikelihood", {}, (context, c), i, ("copa", 0, 1)) for i, c in enumerate([" A", " B"])]
-    with pytest.raises(ValueError, match="one continuation per context"):
-        lm.loglikelihood(choices)
+    for options in ([" A", " B"], [" and then it slept", " and it ran away"]):  # one model input, or two
+        choices = [Instance("loglikelihood", {}, (context, c), i, ("copa", 0, 1)) for i, c in enumerate(options)]
+        with pytest.raises(ValueError, match="one continuation per context"):
+            lm.loglikelihood(choices)
