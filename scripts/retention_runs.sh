@@ -14,7 +14,8 @@
 # layer 8 at keep 0.835 instead of 10 from layer 4 at 0.9: the same 1/tau 1.53), long (a pruner trained
 # on long inputs, directory $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh
 # ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
-# with --scorer-input-norm rms: docs/training.md), norm, random; these last eleven prune
+# with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
+# its saliency: token-only, token-only on RMS-normalised states, query-conditioned), norm, random; these prune
 # every prompt (min_prompt_tokens=0). snapkv and streaming_llm: a kvpress press alone (no pruning) removing
 # 35% of every layer's KV entries, SDTP's KV budget at 1/tau 1.53 (the paper's Table 1 peers; generation
 # tasks only, in the peers environment: docs/peers.md). saliency: the answer-aware oracle (SDTP's Stage 1 target
@@ -43,6 +44,9 @@ declare -A ARGS=(
   [long_norank]="pruner=$RUNS/train_long_norank/pruner,min_prompt_tokens=0"
   [long_lm_only]="pruner=$RUNS/train_long_lm_only/pruner,min_prompt_tokens=0"
   [long_rms]="pruner=$RUNS/train_long_rms/pruner,min_prompt_tokens=0"
+  [long_fit]="pruner=$RUNS/train_long_fit/pruner,min_prompt_tokens=0"
+  [long_fit_rms]="pruner=$RUNS/train_long_fit_rms/pruner,min_prompt_tokens=0"
+  [long_fit_query]="pruner=$RUNS/train_long_fit_query/pruner,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [snapkv]="prune=false,press=snapkv,press_ratio=0.35"
   [streaming_llm]="prune=false,press=streaming_llm,press_ratio=0.35"
@@ -99,7 +103,7 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|norm|random|snapkv|streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|norm|random|snapkv|streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"

@@ -46,7 +46,8 @@ def cache_features(model, examples: list[Example], layers: list[int], directory:
     """Store each example's prompt hidden states at the input of ``layers`` (stages, prompt_len, hidden),
     from the unpruned forward, as ``directory/feat-<sample_id>.safetensors``; stored samples are skipped."""
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"model": getattr(model, "name_or_path", ""), "layers": list(layers), "hidden": model.config.hidden_size}
+    name = Path(getattr(model, "name_or_path", "") or "").name  # like the saliency store: the cache may move
+    meta = {"model": name, "layers": list(layers), "hidden": model.config.hidden_size}
     meta_path = directory / "meta.json"
     if meta_path.is_file():
         stored = json.loads(meta_path.read_text())
