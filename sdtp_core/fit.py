@@ -104,6 +104,7 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
         epoch_order,
         load_checkpoint,
         lr_lambda,
+        optimizer_step,
         pruner_config,
         saliency_targets,
         sample_generator,
@@ -149,11 +150,7 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
             total, mse, rank = sample_loss(pruner, hidden, target, (w_mse, w_rank), cfg.max_pairs, generator)
             (total.sum() / len(chosen)).backward()
             sums += torch.tensor([float(x.detach().sum()) for x in (total, mse, rank)], dtype=torch.float64)
-        grad_norm = torch.nn.utils.clip_grad_norm_(pruner.parameters(), cfg.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(pruner, optimizer, scheduler, cfg.max_grad_norm)
         means = (sums / len(chosen)).tolist()
         record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": means[0], "mse": means[1], "rank": means[2]}
         record.update(grad_norm=float(grad_norm), seconds=round(time.perf_counter() - t0, 3))

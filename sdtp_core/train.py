@@ -545,11 +545,7 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
                 p.grad = accelerator.reduce(p.grad, reduction="sum")
         if world > 1:
             sums = accelerator.reduce(sums.to(device), reduction="sum").cpu()
-        grad_norm = torch.nn.utils.clip_grad_norm_(pruner.parameters(), cfg.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(pruner, optimizer, scheduler, cfg.max_grad_norm)
 
         means = (sums / len(global_ids)).tolist()
         record = {
@@ -585,6 +581,17 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
         save_pruner(pruner, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def optimizer_step(pruner: TokenPruner, optimizer, scheduler, max_grad_norm: float) -> tuple[torch.Tensor, float]:
+    """Clip the gradients (0: no clipping), step the optimizer and the schedule, clear the gradients;
+    returns the gradient norm before clipping and the learning rate the step used."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(pruner.parameters(), max_grad_norm or float("inf"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
 
 
 def save_pruner(pruner: TokenPruner, final: Path) -> None:
