@@ -164,4 +164,30 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
     final = out / "pruner"
     if stop_at == total_steps:
         save_pruner(pruner, final)
+        summary = {"num_samples": len(examples), "layers": pcfg.layers}
+        summary["train_spearman"] = training_spearman(pruner.eval(), examples, features, store)
+        (out / "fit_summary.json").write_text(json.dumps(summary, indent=1))
+        print("Spearman with |saliency| on the training samples, per stage:", summary["train_spearman"])
     return final
+
+
+@torch.no_grad()
+def training_spearman(pruner: TokenPruner, examples: list[Example], features: Path, store: SaliencyStore) -> list:
+    """Per stage, the mean over ``examples`` of the Spearman correlation between the pruner's scores and
+    ``|saliency|`` on the cached states, over each sample's unprotected prompt tokens: how well the fit fits
+    its own training data (``sdtp_core.pruner_eval`` measures the same on held-out samples)."""
+    from .pruner_eval import spearman
+    from .train import saliency_targets
+
+    cfg = pruner.config
+    sums = [0.0] * cfg.num_stages
+    for e in examples:
+        hidden = load_file(str(features / f"feat-{e.sample_id}.safetensors"))["h"].float()
+        target = saliency_targets(store, [e], cfg.layers, e.length)[:, 0, : e.prompt_len]
+        n = e.prompt_len
+        decided = ~protected_mask(torch.ones(1, n, dtype=torch.long), cfg.keep_first, cfg.keep_recent)[0]
+        context = {"positions": torch.arange(n)[None], "lengths": torch.tensor([n]), "valid": torch.ones(1, n).bool()}
+        for s in range(cfg.num_stages):
+            scores = pruner.score(s, hidden[s][None], **context)[0]
+            sums[s] += spearman(scores[decided], target[s][decided])
+    return [round(v / max(1, len(examples)), 4) for v in sums]

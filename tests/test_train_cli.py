@@ -18,6 +18,7 @@ from test_train_fixtures import tiny_model_dir, toy_dolly
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.pruner import TokenPruner
 from sdtp_core.train import build_parser, main
+from sdtp_core.train_data import Example
 
 SCHEDULE = ["--layers", "1,3,4", "--keep-ratio", "0.7", "--keep-first", "2", "--dtype", "float32"]
 
@@ -297,6 +298,15 @@ def test_fit_caches_the_unpruned_states_and_fits_the_saliency(work, tmp_path):
             for p in (fitted, fresh)
         ]
     assert losses[0] < losses[1] - 0.5, losses
+    # The run reports how well it fits its training samples; a fresh pruner ranks at about chance.
+    from sdtp_core.fit import training_spearman
+
+    summary = json.loads((out / "fit_summary.json").read_text())
+    examples = [Example(i, store.get(i).ids.tolist(), store.get(i).prompt_len) for i in range(12)]
+    features = work["saliency"] / "features-1_3_4"
+    assert summary["train_spearman"] == training_spearman(fitted, examples, features, store)
+    fresh_rho = training_spearman(fresh, examples, features, store)
+    assert sum(summary["train_spearman"]) / 3 > sum(fresh_rho) / 3 + 0.2, (summary, fresh_rho)
     assert SDTPEngine(model, fitted).prefill(torch.randint(0, 90, (1, 40)), use_cache=False).kept_counts[0, -1] < 40
 
 
