@@ -67,6 +67,14 @@ def cache_features(model, examples: list[Example], layers: list[int], directory:
         os.replace(tmp, path)
 
 
+def whole_prompt(n: int, cfg) -> tuple[torch.Tensor, dict]:
+    """For an unpruned ``n``-token prompt: the (1, n) tokens a stage decides among (not protected by ``cfg``)
+    and the scorer context (original positions, prompt length, live slots)."""
+    decided = ~protected_mask(torch.ones(1, n, dtype=torch.long), cfg.keep_first, cfg.keep_recent)
+    context = {"positions": torch.arange(n)[None], "lengths": torch.tensor([n]), "valid": torch.ones(1, n, dtype=bool)}
+    return decided, context
+
+
 def sample_loss(
     pruner: TokenPruner,
     hidden: torch.Tensor,
@@ -82,9 +90,7 @@ def sample_loss(
         weights: ``(w_mse, w_rank)``.
     """
     cfg = pruner.config
-    n = hidden.shape[1]
-    decided = ~protected_mask(torch.ones(1, n, dtype=torch.long), cfg.keep_first, cfg.keep_recent)
-    context = {"positions": torch.arange(n)[None], "lengths": torch.tensor([n]), "valid": torch.ones(1, n, dtype=bool)}
+    decided, context = whole_prompt(hidden.shape[1], cfg)
     mse = rank = torch.zeros(1)
     for s in range(cfg.num_stages):
         pred = pruner.score(s, hidden[s][None].float(), **context).float()
@@ -184,10 +190,8 @@ def training_spearman(pruner: TokenPruner, examples: list[Example], features: Pa
     for e in examples:
         hidden = load_file(str(features / f"feat-{e.sample_id}.safetensors"))["h"].float()
         target = saliency_targets(store, [e], cfg.layers, e.length)[:, 0, : e.prompt_len]
-        n = e.prompt_len
-        decided = ~protected_mask(torch.ones(1, n, dtype=torch.long), cfg.keep_first, cfg.keep_recent)[0]
-        context = {"positions": torch.arange(n)[None], "lengths": torch.tensor([n]), "valid": torch.ones(1, n).bool()}
+        decided, context = whole_prompt(e.prompt_len, cfg)
         for s in range(cfg.num_stages):
             scores = pruner.score(s, hidden[s][None], **context)[0]
-            sums[s] += spearman(scores[decided], target[s][decided])
+            sums[s] += spearman(scores[decided[0]], target[s][decided[0]])
     return [round(v / max(1, len(examples)), 4) for v in sums]
