@@ -106,9 +106,7 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
     """Cache the features, then fit a fresh pruner; returns ``OUT/pruner``. ``cfg`` is a
     :class:`~sdtp_core.train.TrainConfig` (its Stage 2 optimizer, schedule, checkpoint and loss settings)."""
     from .train import (
-        TrainConfigError,
         epoch_order,
-        load_checkpoint,
         lr_lambda,
         optimizer_step,
         pruner_config,
@@ -116,7 +114,7 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
         sample_generator,
         save_checkpoint,
         save_pruner,
-        truncate_log,
+        start_step,
     )
 
     out = Path(cfg.out)
@@ -135,12 +133,7 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     log_path = out / "log.jsonl"
-    if (out / "checkpoints" / "latest").is_file() and not cfg.resume:
-        raise TrainConfigError(f"{out} already has checkpoints: pass --resume to continue, or use a new --out")
-    start = load_checkpoint(out, pruner, optimizer, scheduler, cfg) if cfg.resume else 0
-    if start == 0 and log_path.exists():
-        log_path.unlink()
-    truncate_log(log_path, start)
+    start = start_step(out, cfg, pruner, optimizer, scheduler, "fit")
 
     stop_at = total_steps if cfg.stop_after_steps is None else min(total_steps, start + cfg.stop_after_steps)
     bar = tqdm(range(start, stop_at), initial=start, total=total_steps, desc="fit", unit="step")

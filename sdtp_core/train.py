@@ -441,6 +441,21 @@ def load_checkpoint(out: Path, pruner, optimizer, scheduler, cfg: TrainConfig) -
     return int(state["step"])
 
 
+def start_step(out: Path, cfg: TrainConfig, pruner, optimizer, scheduler, kind: str, writes_log: bool = True) -> int:
+    """The step a run starts from: 0 for a fresh run (refused if ``out`` has checkpoints and ``--resume`` is
+    not set), else the newest checkpoint's, restored into ``pruner``, ``optimizer`` and ``scheduler``. The
+    process that ``writes_log`` drops a fresh run's old log and the lines of steps after the checkpoint."""
+    if (out / "checkpoints" / "latest").is_file() and not cfg.resume:
+        raise TrainConfigError(f"{out} already has {kind} checkpoints: pass --resume to continue, or use a new --out")
+    start = load_checkpoint(out, pruner, optimizer, scheduler, cfg) if cfg.resume else 0
+    if writes_log:
+        log_path = out / "log.jsonl"
+        if start == 0 and log_path.exists():
+            log_path.unlink()
+        truncate_log(log_path, start)
+    return start
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines of steps after ``step`` (written by a run that was killed after its last checkpoint)."""
     if not path.is_file():
@@ -476,14 +491,7 @@ def train_pruner(cfg: TrainConfig, accelerator, model, examples: list[Example], 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
     log_path = out / "log.jsonl"
-    has_checkpoint = (out / "checkpoints" / "latest").is_file()
-    if has_checkpoint and not cfg.resume:
-        raise TrainConfigError(f"{out} already has Stage 2 checkpoints: pass --resume to continue, or use a new --out")
-    start = load_checkpoint(out, pruner, optimizer, scheduler, cfg) if cfg.resume else 0
-    if accelerator.is_main_process:
-        if start == 0 and log_path.exists():
-            log_path.unlink()
-        truncate_log(log_path, start)
+    start = start_step(out, cfg, pruner, optimizer, scheduler, "Stage 2", accelerator.is_main_process)
     accelerator.wait_for_everyone()
 
     stop_at = total_steps if cfg.stop_after_steps is None else min(total_steps, start + cfg.stop_after_steps)
