@@ -16,9 +16,12 @@
 # ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
 # with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
 # its saliency: token-only, token-only on RMS-normalised states, query-conditioned), norm, random; these prune
-# every prompt (min_prompt_tokens=0). snapkv and streaming_llm: a kvpress press alone (no pruning) removing
-# 35% of every layer's KV entries, SDTP's KV budget at 1/tau 1.53 (the paper's Table 1 peers; generation
-# tasks only, in the peers environment: docs/peers.md). saliency: the answer-aware oracle (SDTP's Stage 1 target
+# every prompt (min_prompt_tokens=0). snapkv, streaming_llm, h2o (kvpress's ObservedAttentionPress, eager
+# attention), knorm, tova: a kvpress press alone (no pruning) removing 35% of every layer's KV entries,
+# SDTP's KV budget at 1/tau 1.53 (the paper's Table 1 peers; generation tasks only, in the peers
+# environment: docs/peers.md). sdtp_low: the attention scorer at the milder keep ratio 0.95 per stage.
+# sdtp_snapkv, sdtp_streaming_llm: SDTP's pruned prefill, then the press removing half of each layer's
+# remaining entries (the paper's Table 6; peers environment). saliency: the answer-aware oracle (SDTP's Stage 1 target
 # computed from the gold answer; analysis only, loglikelihood jobs: nll). Run two at a time on two cores (one
 # torch thread each). llmlingua: LLMLingua v1 with the embedded model as its small LM keeping 65% of each
 # generation prompt (SDTP's 1/tau 1.53), no pruning (peers environment; generation tasks only).
@@ -50,6 +53,12 @@ declare -A ARGS=(
   [norm]="pruner=norm,min_prompt_tokens=0"
   [snapkv]="prune=false,press=snapkv,press_ratio=0.35"
   [streaming_llm]="prune=false,press=streaming_llm,press_ratio=0.35"
+  [h2o]="prune=false,press=observed_attention,press_ratio=0.35,attn_implementation=eager"
+  [knorm]="prune=false,press=knorm,press_ratio=0.35"
+  [tova]="prune=false,press=tova,press_ratio=0.35"
+  [sdtp_low]="pruner=attention,keep_ratio=0.95,min_prompt_tokens=0"
+  [sdtp_snapkv]="pruner=attention,min_prompt_tokens=0,press=snapkv,press_ratio=0.5"
+  [sdtp_streaming_llm]="pruner=attention,min_prompt_tokens=0,press=streaming_llm,press_ratio=0.5"
   [random]="pruner=random,min_prompt_tokens=0"
   [saliency]="pruner=saliency,min_prompt_tokens=0"
   [llmlingua]="prune=false,compress=llmlingua,compress_rate=0.65"
@@ -103,7 +112,7 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|norm|random|snapkv|streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"

@@ -250,6 +250,7 @@ def test_long_text_summary_by_hand(kvp):
             "nll": nll,
             "prefill_seconds": prefill,
             "decode_step_seconds": step,
+            "decode_seconds": 10 * step,
             "kv_cache_bytes": 2**20,
             "kv_entries_per_layer": 10.0,
             "compression": 1.5,
@@ -268,6 +269,8 @@ def test_long_text_summary_by_hand(kvp):
     assert s["sdtp"]["prefill_speedup"] == pytest.approx(1.5)  # median of 2.0 and 1.0
     assert s["sdtp"]["decode_speedup"] == pytest.approx(2.0)
     assert s["sdtp"]["decode_tokens_per_second"] == pytest.approx(1 / 0.075)
+    # E2E = prefill + all decoding steps: doc 0 (4 + 1) / (2 + 0.5) = 2, doc 1 (2 + 2) / (2 + 1) = 4/3.
+    assert s["sdtp"]["e2e_speedup"] == pytest.approx((2 + 4 / 3) / 2)
     assert s["sdtp"]["kv_cache_mib"] == 1.0
 
 

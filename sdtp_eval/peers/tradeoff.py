@@ -1,0 +1,190 @@
+"""Accuracy against cost, one row per method: the paper's Table 1 (SDTP and its peers) and Table 6 (SDTP ∘ press).
+
+It joins three measured sources, each produced by its own command:
+
+* **score**: a paired report of :mod:`sdtp_eval.retention.paired` (e.g. LongBench generation, every method on
+  the same documents): the unweighted task mean of each method, its paired Δ to the reference with the 95%
+  bootstrap interval, and the retention;
+* **what each method kept**, from the per-request ``sdtp`` records in the lm-eval samples of each run
+  (``--records LABEL=DIR``): 1/τ (prompt tokens over the mean tokens a layer processed), the fraction of
+  the prompt's KV entries each layer holds after the prefill, and LLMLingua's own seconds per request;
+* **speed**: a :mod:`sdtp_eval.peers.long_text` report (every method in one process on the same texts), at one
+  prefix length: prefill, per-token decoding and end-to-end (prefill plus the decoding steps) speed-ups
+  over dense.
+
+Labels join the sources: a method's label in the paired report is its label in the speed report
+(``dense``, ``sdtp``, ``snapkv``, ``sdtp+snapkv``, ...) and in ``--records``. A source that lacks a method
+leaves its cells empty ("—"); nothing is estimated.
+
+Usage::
+
+    python -m sdtp_eval.peers.tradeoff --scores results/table1_longbench_cpu.json \\
+        --speed results/table1_speed_cpu.json --length 2048 \\
+        --records sdtp=runs/lbgen/attention snapkv=runs/lbgen/snapkv --out results/table1_tradeoff_cpu
+
+Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (score Δ against end-to-end speed-up and against KV kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from sdtp_eval.retention.heatmap import parse_source, sample_files
+from sdtp_eval.retention.paired import TASK_MEAN
+
+
+def request_records(path: Path) -> dict:
+    """Means over the requests of an lm-eval output directory (its ``sdtp`` sample records): ``requests``,
+    ``compression`` (1/τ), ``kv_kept`` (KV entries per layer / prompt tokens after the prefill) and, when
+    a prompt compressor ran, ``compressor_seconds``."""
+    records = []
+    for file in sample_files(path, "samples_*.jsonl"):
+        for line in file.read_text(encoding="utf-8").split("\n"):
+            if line.strip():
+                records += json.loads(line).get("sdtp", [])
+    pruned = [r for r in records if "prompt_tokens" in r]
+    if not pruned:
+        raise ValueError(f"no sample under {path} carries sdtp request records (run with --log_samples)")
+
+    def kv_kept(r: dict) -> float:
+        if "kv_entries_per_layer" in r:  # a press ran: its cache after compression
+            return r["kv_entries_per_layer"] / r["prompt_tokens"]
+        return 1 / r["compression"]  # the pruned prefill alone: a layer holds the tokens it processed
+
+    out = {
+        "requests": len(pruned),
+        "compression": statistics.fmean(r["compression"] for r in pruned),
+        "kv_kept": statistics.fmean(kv_kept(r) for r in pruned),
+    }
+    lingua = [r["compressor_seconds"] for r in records if "compressor_seconds" in r]
+    if lingua:
+        out["compressor_seconds"] = statistics.fmean(lingua)
+    return out
+
+
+def build(scores: dict, speed: dict | None, length: int | None, records: dict[str, dict]) -> dict:
+    """One row per run of the paired report ``scores``, in its order."""
+    summary = (speed or {}).get("summary", {}).get(str(length), {})
+    rows = []
+    for label in scores["runs"]:
+        score = scores["tasks"].get(TASK_MEAN, {}).get(label)
+        if score is None:
+            raise ValueError(f"the scores report has no task mean for {label!r} (it needs two or more tasks)")
+        row = {
+            "method": label,
+            "documents": score["n"],
+            "score": score["mean"],
+            "diff": score["diff"],
+            "diff_ci": score["diff_ci"],
+            "retention": score["retention"],
+        }
+        if label == scores["reference"]:
+            row |= {"compression": 1.0, "kv_kept": 1.0}
+        row |= records.get(label, {})
+        if label in summary:
+            s = summary[label]
+            row |= {k: s[k] for k in ("prefill_speedup", "decode_speedup", "e2e_speedup")}
+        rows.append(row)
+    return {"reference": scores["reference"], "metric": scores["metric"], "length": length, "rows": rows}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "—"
+
+
+def format_markdown(report: dict) -> str:
+    ref, n = report["reference"], report["length"]
+    lines = [
+        f"# {report['metric']} against cost: every method vs `{ref}`",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Score: the unweighted task mean ({report['scores_command']}); Δ paired by document with its 95% "
+        "bootstrap interval. 1/τ and KV kept: means over the run's requests (KV kept = entries each layer holds "
+        f"after the prefill / prompt tokens). Speed-ups: medians over documents at {n} prompt tokens, every "
+        f"method in one process ({report.get('speed_command', 'no speed report')}); E2E = prefill plus the "
+        "decoding steps; a prompt compressor's own seconds are listed apart.",
+        "",
+        "| method | docs | score | Δ [95% CI] | retention | 1/τ | KV kept | prefill speed-up | decode speed-up "
+        "| E2E speed-up | compressor s/request |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lo, hi = r["diff_ci"]
+        lines.append(
+            f"| {r['method']} | {r['documents']} | {r['score']:.4f} | {r['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+            f"{r['retention']:.3f} | {_cell(r, 'compression', '.2f')} | {_cell(r, 'kv_kept', '.2f')} | "
+            f"{_cell(r, 'prefill_speedup', '.2f')} | {_cell(r, 'decode_speedup', '.2f')} | "
+            f"{_cell(r, 'e2e_speedup', '.2f')} | {_cell(r, 'compressor_seconds', '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("e2e_speedup", f"E2E speed-up over dense at {report['length']} tokens"), ("kv_kept", "KV kept")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, xlabel) in zip(axes, panels):
+        for r in report["rows"]:
+            if key not in r:
+                continue
+            lo, hi = r["diff_ci"]
+            ax.errorbar(r[key], r["diff"], yerr=[[r["diff"] - lo], [hi - r["diff"]]], fmt="o", capsize=3)
+            ax.annotate(r["method"], (r[key], r["diff"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"Δ {report['metric']} vs {report['reference']} (task mean)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy against speed (right and high is better)")
+    axes[1].set_title("accuracy against KV memory (left and high is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m sdtp_eval.peers.tradeoff", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scores", type=Path, required=True, help="a paired report (sdtp_eval.retention.paired) JSON")
+    p.add_argument("--speed", type=Path, help="a long_text report (sdtp_eval.peers.long_text) JSON")
+    p.add_argument("--length", type=int, help="the speed report's prefix length to use (default: its longest)")
+    p.add_argument("--records", nargs="*", default=[], help="LABEL=DIR: a run's lm-eval output (1/τ, KV kept)")
+    p.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
+    args = p.parse_args(argv)
+    scores = json.loads(args.scores.read_text(encoding="utf-8"))
+    speed = json.loads(args.speed.read_text(encoding="utf-8")) if args.speed else None
+    length = args.length
+    if speed is not None:
+        lengths = [int(k) for k in speed["summary"]]
+        length = length or max(lengths)
+        if length not in lengths:
+            p.error(f"--length {length} is not in the speed report (it has {lengths})")
+    sources = dict(map(parse_source, args.records))
+    unknown = sorted(set(sources) - set(scores["runs"]))
+    if unknown:
+        p.error(f"--records labels {unknown} are not runs of the scores report ({scores['runs']})")
+    records = {label: request_records(path) for label, path in sources.items()}
+    report = {
+        "command": "python -m sdtp_eval.peers.tradeoff " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "scores_command": scores["command"],
+        **({"speed_command": speed["command"], "machine": speed.get("machine")} if speed else {}),
+        **build(scores, speed, length, records),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(format_markdown(report))
+    plot(report, args.out.with_suffix(".png"))
+    print(format_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
