@@ -3,38 +3,43 @@
 # same command after an interruption (compare --resume reuses finished runs and continues unfinished
 # ones from lm-eval's request cache; training resumes from its checkpoints; Stage 1 skips stored samples).
 #
-#   bash scripts/paper_tables.sh table1     # LongBench: dense, SDTP, SDTP-low, LLMLingua, presses, SDTP∘press
+#   bash scripts/paper_tables.sh table1     # LongBench: dense, SDTP, SDTP-low, LLMLingua, presses, SDTP∘press (Tables 1, 6)
 #   bash scripts/paper_tables.sh table2     # latency, FLOPs, KV memory vs length (run it on an idle machine)
 #   bash scripts/paper_tables.sh ablations  # Tables 4/5: pruners trained without rank / rank+MSE losses
 #
-# table1 needs the peers environment (kvpress pins transformers<5.3; docs/peers.md); the others run in the
-# main one. Outputs: results/ for reports, $RUNS (default runs/, ignored by git) for lm-eval outputs.
+# table1 runs in the peers environment (kvpress and LLMLingua; kvpress pins transformers<5.3: docs/peers.md);
+# the others run in the main one. Outputs: results/ for reports, $RUNS (default runs/, ignored by git) for lm-eval outputs.
 set -eu
 RUNS=${RUNS:-runs}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# Six LongBench-E tasks, one per category, 30 rows each (all where fewer); 2048 tokens, middle truncation.
-LB=longbench_qasper_e,longbench_2wikimqa_e,longbench_multi_news_e,longbench_triviaqa_e,longbench_passage_count_e,longbench_lcc_e
-LONG="truncation=middle,max_length=2048"
 # SDTP's default schedule keeps 1/1.53 = 65% of the prompt's tokens per layer on average, so a press that
 # removes 35% of every layer's entries holds the same KV budget; LLMLingua keeps 65% of the tokens.
 MATCHED=0.35
 
 case ${1:-} in
   table1)
-    python -m sdtp_eval.compare --tasks "$LB" --limit 30 --batch-size 1 --resume --runs-dir "$RUNS/table1" \
-      --run dense=sdtp:prune=false,$LONG \
-      --run sdtp=sdtp:min_prompt_tokens=0,$LONG \
-      --run sdtp_low=sdtp:min_prompt_tokens=0,keep_ratio=0.95,$LONG \
-      --run llmlingua=sdtp:prune=false,compress=llmlingua,compress_rate=0.65,$LONG \
-      --run streaming_llm=sdtp:prune=false,press=streaming_llm,press_ratio=$MATCHED,$LONG \
-      --run snapkv=sdtp:prune=false,press=snapkv,press_ratio=$MATCHED,$LONG \
-      --run h2o=sdtp:prune=false,press=observed_attention,press_ratio=$MATCHED,attn_implementation=eager,$LONG \
-      --run knorm=sdtp:prune=false,press=knorm,press_ratio=$MATCHED,$LONG \
-      --run tova=sdtp:prune=false,press=tova,press_ratio=$MATCHED,$LONG \
-      --run sdtp+snapkv=sdtp:min_prompt_tokens=0,press=snapkv,press_ratio=0.5,$LONG \
-      --run sdtp+h2o=sdtp:min_prompt_tokens=0,press=observed_attention,press_ratio=0.5,attn_implementation=eager,$LONG \
-      --run sdtp+streaming_llm=sdtp:min_prompt_tokens=0,press=streaming_llm,press_ratio=0.5,$LONG \
-      --out results/table1_longbench_cpu
+    # LongBench generation (the retention suite's 6 tasks x <= 30 rows, 2048 tokens, middle truncation) for
+    # every method, one lm-eval run each (scripts/retention_runs.sh: resumable, skipped when done); then
+    # every method's speed in one process on the same texts; then the paired score report and the table.
+    for config in dense attention sdtp_low streaming_llm snapkv h2o knorm tova sdtp_snapkv llmlingua; do
+      bash scripts/retention_runs.sh lbgen "$config"
+    done
+    python -m sdtp_eval.peers.long_text --lengths 2048 --docs 5 --continuation 64 \
+      --presses streaming_llm snapkv observed_attention knorm tova --ratio $MATCHED --sdtp-press-ratio 0.5 \
+      --dtype bfloat16 --threads 1 --out results/table1_speed_cpu
+    # labels = the speed report's method names, so the table can join them
+    runs=(dense sdtp=attention sdtp_low streaming_llm snapkv observed_attention=h2o knorm tova sdtp+snapkv=sdtp_snapkv
+          llmlingua)
+    samples=() records=()
+    for r in "${runs[@]}"; do
+      label=${r%%=*} dir=$RUNS/lbgen/${r#*=}
+      [ -d "$dir" ] || continue
+      samples+=("$label=$dir")
+      [ "$label" = dense ] || records+=("$label=$dir")
+    done
+    python -m sdtp_eval.retention.paired --metric score --samples "${samples[@]}" --out results/table1_longbench_cpu
+    python -m sdtp_eval.peers.tradeoff --scores results/table1_longbench_cpu.json --speed results/table1_speed_cpu.json \
+      --length 2048 --records "${records[@]}" --out results/table1_tradeoff_cpu
     ;;
   table2)
     python -m sdtp_core.bench --pruner attention --lengths 1024 2048 4096 8192 16384 --new-tokens 32 --reps 2 \
