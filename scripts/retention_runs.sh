@@ -15,7 +15,8 @@
 # on long inputs, directory $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh
 # ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
 # with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
-# its saliency: token-only, token-only on RMS-normalised states, query-conditioned), norm, random; these prune
+# its saliency: token-only, token-only on RMS-normalised states, query-conditioned), ctx_fit (the 'fit' stage
+# on long inputs built only from records with a context of their own: --context-only), norm, random; these prune
 # every prompt (min_prompt_tokens=0). snapkv, streaming_llm, h2o (kvpress's ObservedAttentionPress, eager
 # attention), knorm, tova: a kvpress press alone (no pruning) removing 35% of every layer's KV entries,
 # SDTP's KV budget at 1/tau 1.53 (the paper's Table 1 peers; generation tasks only, in the peers
@@ -50,6 +51,7 @@ declare -A ARGS=(
   [long_fit]="pruner=$RUNS/train_long_fit/pruner,min_prompt_tokens=0"
   [long_fit_rms]="pruner=$RUNS/train_long_fit_rms/pruner,min_prompt_tokens=0"
   [long_fit_query]="pruner=$RUNS/train_long_fit_query/pruner,min_prompt_tokens=0"
+  [ctx_fit]="pruner=$RUNS/train_ctx_fit/pruner,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [snapkv]="prune=false,press=snapkv,press_ratio=0.35"
   [streaming_llm]="prune=false,press=streaming_llm,press_ratio=0.35"
@@ -112,7 +114,7 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"

@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--distractor-tokens", type=int, default=0, help="long inputs, as in training (sdtp_core.train --help)"
     )
+    parser.add_argument(
+        "--context-only", action="store_true", help="only records with a context of their own, as in training"
+    )
     parser.add_argument("--out", default=None, help="write the JSON result here (default: print it)")
     args = parser.parse_args(argv)
 
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_samples,
         skip=args.skip,
         distractor_tokens=args.distractor_tokens,
+        context_only=args.context_only,
     )
     result = evaluate(model, pruner, examples)
     from .bench import machine_info
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "skip": args.skip,
         "max_length": args.max_length,
         "distractor_tokens": args.distractor_tokens,
+        **({"context_only": True} if args.context_only else {}),
         **result,
     }
     print(format_table(result))

@@ -57,6 +57,7 @@ class TrainConfig:
     format: str = "auto"
     text_prompt_fraction: float = 0.75
     distractor_tokens: int = 0
+    context_only: bool = False
     max_samples: int | None = None
     max_length: int = 512
     dtype: str = "auto"
@@ -181,6 +182,9 @@ HELP = {
     "rest is the scored target",
     "distractor_tokens": "long-input training: hide each instruction record's context among other records' "
     "contexts until the passages reach about N tokens, the instruction after them (0: off; raise --max-length)",
+    "context_only": "use only the instruction records that have a context of their own (the answer depends on a "
+    "passage, as in long-context QA; with --distractor-tokens it is the passage hidden among the others); "
+    "--max-samples then counts those records",
     "max_samples": "use only the first N records of the data",
     "max_length": "truncate samples to this many tokens (prompt middle-truncated, target kept >= 1/4)",
     "dtype": "compute dtype of the frozen model: auto (bfloat16 on GPU, float32 on CPU, where bfloat16 matmuls "
@@ -339,6 +343,7 @@ def saliency_meta(cfg: TrainConfig, model_config, model_name: str, layers: list[
         "max_length": cfg.max_length,
         "text_prompt_fraction": cfg.text_prompt_fraction,
         **({"distractor_tokens": cfg.distractor_tokens} if cfg.distractor_tokens else {}),  # old stores lack it
+        **({"context_only": True} if cfg.context_only else {}),
         "loss": "mean next-token cross-entropy over the response (target) tokens",
         "saliency": "sum over hidden of dL/dh * h at the input of each layer",
     }
@@ -638,6 +643,7 @@ def run(cfg: TrainConfig) -> Path:
         cfg.text_prompt_fraction,
         distractor_tokens=cfg.distractor_tokens,
         seed=cfg.seed,
+        context_only=cfg.context_only,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if accelerator.is_main_process:

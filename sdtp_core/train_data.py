@@ -132,6 +132,11 @@ def split_record(record: dict, tokenizer, fmt: str) -> tuple[str, str] | None:
     return f"{user}\n\n", response + (tokenizer.eos_token or "")
 
 
+def has_own_context(record) -> bool:
+    """An instruction record with a non-empty ``context``."""
+    return isinstance(record, dict) and "instruction" in record and bool(str(record.get("context") or "").strip())
+
+
 def with_distractors(records: list[dict], tokenizer, tokens: int, seed: int = 0) -> list[dict]:
     """Long-input versions of the instruction records: the record's own context (if any) is put at a random
     place among other records' contexts (distractor passages, drawn from the same training data) until the
@@ -212,25 +217,35 @@ def load_examples(
     skip: int = 0,
     distractor_tokens: int = 0,
     seed: int = 0,
+    context_only: bool = False,
 ) -> list[Example]:
     """Load, format and tokenize a training set. Raises :class:`TrainDataError` if nothing usable remains.
 
     ``skip`` leaves out the first records (e.g. to evaluate on records a training run did not use);
     sample ids stay the records' indices in the full source. ``distractor_tokens`` > 0 turns instruction
-    records into long inputs (:func:`with_distractors`, seeded by ``seed``).
+    records into long inputs (:func:`with_distractors`, seeded by ``seed``). ``context_only`` keeps only
+    the instruction records that have a context of their own (whose answer depends on a passage, as in
+    long-context QA); ``skip`` and ``max_samples`` then count those records.
     """
     if max_length < 8:
         raise TrainDataError(f"max_length {max_length} is too small (need at least 8 tokens)")
     if not 0.0 < text_prompt_fraction < 1.0:
         raise TrainDataError(f"text_prompt_fraction {text_prompt_fraction} is outside (0, 1)")
     fmt = resolve_format(fmt, tokenizer)
-    records = load_records(data, max_samples, skip)
     if distractor_tokens < 0:
         raise TrainDataError(f"distractor_tokens must be >= 0, got {distractor_tokens}")
+    if context_only:
+        indexed = [(i, r) for i, r in enumerate(load_records(data)) if has_own_context(r)][skip:]
+        indexed = indexed[:max_samples] if max_samples is not None else indexed
+        if not indexed:
+            raise TrainDataError(f"no instruction record of {data} with a context of its own after skipping {skip}")
+    else:
+        indexed = list(enumerate(load_records(data, max_samples, skip), start=skip))
+    ids, records = [i for i, _ in indexed], [r for _, r in indexed]
     if distractor_tokens:
         records = with_distractors(records, tokenizer, distractor_tokens, seed)
     examples = []
-    for i, record in enumerate(records, start=skip):
+    for i, record in zip(ids, records):
         if not isinstance(record, dict):
             raise TrainDataError(f"record {i} of {data} is not an object")
         example = encode_record(record, i, tokenizer, fmt, max_length, text_prompt_fraction)

@@ -123,3 +123,30 @@ def test_jsonl_records_may_hold_unicode_line_separators(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
     assert load_records(str(path)) == records
+
+
+def test_context_only_keeps_records_with_their_own_passage_and_counts_them(tmp_path):
+    tok = char_tokenizer()
+    # records 0, 3, 6, ... have a context; the others none (or blank), and one is a text record
+    records = [
+        {"instruction": f"Q{i}?", "context": f"passage {i}" if i % 3 == 0 else " ", "response": f"a{i}"}
+        for i in range(12)
+    ] + [{"text": "plain text record"}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    ids = [e.sample_id for e in load_examples(str(path), tok, fmt="plain", max_length=200, context_only=True)]
+    assert ids == [0, 3, 6, 9]  # the records' indices in the full source
+    # skip and max_samples count the eligible records: skip 0 and 3, then take two
+    kept = load_examples(str(path), tok, fmt="plain", max_length=200, context_only=True, skip=2, max_samples=2)
+    assert [e.sample_id for e in kept] == [6, 9]
+
+    def text(s: str) -> str:  # as the character tokenizer decodes it
+        return tok.decode(tok(s)["input_ids"])
+
+    assert tok.decode(kept[0].ids[: kept[0].prompt_len]).startswith(text("Q6?"))
+    # with distractors every passage comes from an eligible record, the own one included
+    long = load_examples(str(path), tok, fmt="plain", max_length=400, context_only=True, distractor_tokens=20)
+    prompt = tok.decode(long[1].ids[: long[1].prompt_len])
+    assert text("passage 3") in prompt and prompt.count(text("passage")) >= 2 and text("Q3?") in prompt
+    with pytest.raises(TrainDataError, match="no instruction record .* context of its own"):
+        load_examples(str(path), tok, context_only=True, skip=4)
