@@ -193,6 +193,29 @@ def plot(report: dict, path: Path) -> None:
         ("decode_tokens_per_second", "decode tokens/s"),
         ("prefill_speedup", "prefill speed-up vs dense"),
     ]
+    if len(lengths) == 1:  # one length: a bar per method rather than lines over length
+        panels.append(("e2e_speedup", "E2E speed-up vs dense"))
+        methods_ = summary[str(lengths[0])]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.35 * len(labels) + 1.5), sharey=True)
+        ys = range(len(labels))
+        for ax, (key, title) in zip(axes, panels):
+            values = [methods_[label][key] for label in labels]
+            err = None
+            if key == "nll_diff":
+                err = [
+                    [v - methods_[label]["nll_diff_ci"][0] for v, label in zip(values, labels)],
+                    [methods_[label]["nll_diff_ci"][1] - v for v, label in zip(values, labels)],
+                ]
+            ax.barh(ys, values, xerr=err, capsize=2, color=["C0" if "sdtp" in label else "C7" for label in labels])
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3, axis="x")
+        axes[0].set_yticks(list(ys), labels, fontsize=8)
+        axes[0].invert_yaxis()
+        fig.suptitle(f"{lengths[0]}-token prefix: SDTP variants (blue) and the rest (grey)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         for label in labels:
@@ -236,12 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="narrativeqa", help="LongBench dataset whose contexts are the text")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the package's default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", type=Path, required=True, help="report path without suffix (.json, .md, .png)")
+    p.add_argument("--out", type=Path, help="report path without suffix (.json, .md, .png)")
+    p.add_argument("--from-json", type=Path, help="rewrite OUT.md and OUT.png of this finished report only")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.from_json is not None:  # rewrite the Markdown and the plot of a finished run
+        report = json.loads(args.from_json.read_text(encoding="utf-8"))
+        write_report(report, args.from_json.with_suffix(""))
+        return report
+    if args.out is None:
+        raise SystemExit("--out is required (or --from-json to redraw a finished report)")
     if args.continuation < 2 or args.docs < 1 or min(args.lengths) < 16:
         raise SystemExit("--continuation must be >= 2, --docs >= 1 and every length >= 16 tokens")
     sdtp_ratio = args.ratio if args.sdtp_press_ratio is None else args.sdtp_press_ratio
