@@ -239,7 +239,7 @@ def test_long_text_press_cache_is_what_the_press_predicts(kvp, prune):
     assert row["tokens_per_layer"] == pytest.approx(sum(processed) / len(processed))
 
 
-def test_long_text_summary_by_hand(kvp):
+def test_long_text_summary_by_hand(kvp, tmp_path):
     from sdtp_eval.peers.long_text import summarise
 
     def row(method, doc, nll, prefill, step):
@@ -272,6 +272,20 @@ def test_long_text_summary_by_hand(kvp):
     # E2E = prefill + all decoding steps: doc 0 (4 + 1) / (2 + 0.5) = 2, doc 1 (2 + 2) / (2 + 1) = 4/3.
     assert s["sdtp"]["e2e_speedup"] == pytest.approx((2 + 4 / 3) / 2)
     assert s["sdtp"]["kv_cache_mib"] == 1.0
+    # one length: the report draws a bar per method (and --from-json redraws it from the JSON alone)
+    from sdtp_eval.peers.long_text import main, write_report
+
+    settings = {"docs": 2, "dataset": "x", "continuation": 11, "ratio": 0.35, "pruner": "p", "dtype": "d", "threads": 1}
+    report = {"command": "c", "settings": settings, "machine": {"loadavg_at_start": [0, 0, 0]}, "rows": rows}
+    write_report(report | {"summary": {"64": s}}, tmp_path / "r")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    (tmp_path / "r.png").unlink()
+    main(["--from-json", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert (
+        "| 64 | sdtp | 1.50 |" in (tmp_path / "r.md").read_text()
+        and "E2E = the prefill plus the 10" in (tmp_path / "r.md").read_text()
+    )
 
 
 # ------------------------------------------------------------------------------------------- LLMLingua
