@@ -134,11 +134,12 @@ def plot(report: dict, path: Path) -> None:
     panels = [("e2e_speedup", f"E2E speed-up over dense at {report['length']} tokens"), ("kv_kept", "KV kept")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (key, xlabel) in zip(axes, panels):
-        for r in report["rows"]:
+        for i, r in enumerate(report["rows"]):  # one colour per method in both panels
             if key not in r:
                 continue
             lo, hi = r["diff_ci"]
-            ax.errorbar(r[key], r["diff"], yerr=[[r["diff"] - lo], [hi - r["diff"]]], fmt="o", capsize=3)
+            yerr = [[r["diff"] - lo], [hi - r["diff"]]]
+            ax.errorbar(r[key], r["diff"], yerr=yerr, fmt="o", capsize=3, color=f"C{i % 10}")
             ax.annotate(r["method"], (r[key], r["diff"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlabel(xlabel)
