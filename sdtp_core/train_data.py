@@ -51,8 +51,8 @@ class Example:
         return len(self.ids)
 
 
-def load_records(data: str, max_samples: int | None = None, skip: int = 0) -> list[dict]:
-    """Load raw records from a local file or a Hub dataset id: ``max_samples`` records after the first ``skip``."""
+def load_records(data: str) -> list[dict]:
+    """Load the raw records of a local file or a Hub dataset id (its ``train`` split)."""
     lowered = data.lower()
     if any(name in lowered for name in _EVAL_NAMES):
         raise TrainDataError(f"refusing to train on {data!r}: it looks like one of the evaluation sets")
@@ -68,9 +68,6 @@ def load_records(data: str, max_samples: int | None = None, skip: int = 0) -> li
             records = list(datasets.load_dataset(data, split="train"))
         except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
             raise TrainDataError(f"could not load Hub dataset {data!r} (train split): {e}") from e
-    records = records[skip:]
-    if max_samples is not None:
-        records = records[:max_samples]
     if not records:
         raise TrainDataError(f"no records in {data}")
     return records
@@ -234,13 +231,13 @@ def load_examples(
     fmt = resolve_format(fmt, tokenizer)
     if distractor_tokens < 0:
         raise TrainDataError(f"distractor_tokens must be >= 0, got {distractor_tokens}")
-    if context_only:
-        indexed = [(i, r) for i, r in enumerate(load_records(data)) if has_own_context(r)][skip:]
-        indexed = indexed[:max_samples] if max_samples is not None else indexed
-        if not indexed:
+    # (index in the source, record) of the eligible records; skip and max_samples count those
+    indexed = [(i, r) for i, r in enumerate(load_records(data)) if not context_only or has_own_context(r)]
+    indexed = indexed[skip:][:max_samples]
+    if not indexed:
+        if context_only:
             raise TrainDataError(f"no instruction record of {data} with a context of its own after skipping {skip}")
-    else:
-        indexed = list(enumerate(load_records(data, max_samples, skip), start=skip))
+        raise TrainDataError(f"no records in {data} after skipping {skip}")
     ids, records = [i for i, _ in indexed], [r for _, r in indexed]
     if distractor_tokens:
         records = with_distractors(records, tokenizer, distractor_tokens, seed)

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     docs = documents(tok, args.dataset, lengths[-1] + args.continuation, args.docs)
     plan = methods(presses)
     press_objects = {
-        (p, prune): build_press(p, sdtp_ratio if prune else args.ratio) for p in presses for prune in (0, 1)
+        (p, prune): build_press(p, sdtp_ratio if prune else args.ratio) for p in presses for prune in (False, True)
     }
     report = {
         "command": "python -m sdtp_eval.peers.long_text " + shlex.join(argv if argv is not None else sys.argv[1:]),
