@@ -2,6 +2,7 @@
 # The lm_eval runs behind results/retention.md (LongBench generation) and results/table3_cpu.md (issue 11).
 #
 #   bash scripts/retention_runs.sh lbgen dense        # LongBench generation, one configuration
+#   bash scripts/retention_runs.sh lbgen llmlingua 10 # the same, first 10 rows of each task (into lbgen10/)
 #   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #   bash scripts/retention_runs.sh needle dense 2k 55 # the needle depth sweep, first 55 documents (5 per depth)
@@ -67,10 +68,14 @@ declare -A ARGS=(
 )
 mkdir -p "$RUNS/cache"
 
-lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all where fewer), 2048 tokens
-  [ -d "$RUNS/lbgen/$1" ] && return
+lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all where fewer), 2048 tokens;
+  # an optional LIMIT runs the first LIMIT rows of each task instead (into lbgenLIMIT/), sharing the cache,
+  # so a later full run redoes none of them
+  local limit=${2:-30} out="$RUNS/lbgen/$1"
+  [ "$limit" != 30 ] && out="$RUNS/lbgen$limit/$1"
+  [ -d "$out" ] && return
   lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16,truncation=middle,max_length=2048" \
-    --tasks $LB --limit 30 --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$RUNS/lbgen/$1"
+    --tasks $LB --limit "$limit" --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$out"
 }
 
 table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test split, as lm-eval scores it)
@@ -114,7 +119,7 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"

@@ -374,3 +374,31 @@ def test_lm_eval_model_with_llmlingua_generates_from_the_compressed_prompt(lingu
     half = SDTPLM(prune=False, compress="llmlingua", **(common | {"dtype": "bfloat16"}))
     assert half.compressor.model.dtype == torch.bfloat16
     assert half.get_model_info()["sdtp"]["compress_dtype"] == "torch.bfloat16"
+
+
+def test_long_text_llmlingua_scores_the_continuation_after_the_compressed_text(lingua, tiny_hf_dir):
+    """``long_text --llmlingua``: the fed continuation is scored after LLMLingua's text (oracle: a plain
+    transformers forward over the compressed tokens + the continuation); 1/τ and the prefill count the
+    compression and the compressor's own time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sdtp_eval.peers.long_text import score_compressed
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    model.lm_head.weight.data.mul_(50)  # peaked logits: a wrong position moves the NLL beyond the tolerance
+    compressor = lingua.load_compressor(tiny_hf_dir, dtype=torch.float32)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    text = " ".join(f"{words[i % 12]} number {i} is {words[(i * 7) % 12]}." for i in range(60))
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    prefix = ids.shape[1] - 12
+    row = score_compressed(SDTPEngine(model, None), compressor, tok, ids, prefix, 0.5)
+    kept_text = lingua.compress(compressor, tok.decode(ids[0, :prefix]), rate=0.5).text  # deterministic
+    kept = tok(kept_text, add_special_tokens=False, return_tensors="pt").input_ids
+    full = torch.cat([kept, ids[:, prefix:]], dim=1)
+    with torch.no_grad():
+        expected = continuation_nll(model(full).logits[0], full, kept.shape[1])
+    assert row["nll"] == pytest.approx(expected, rel=1e-6)
+    assert row["kv_entries_per_layer"] == kept.shape[1] < prefix
+    assert row["compression"] == pytest.approx(prefix / kept.shape[1]) and row["compression"] > 1.5
+    assert row["prefill_seconds"] > row["compressor_seconds"] > 0

@@ -20,10 +20,11 @@ def write_run(directory: Path, task: str, scores: dict[int, float], records: dic
     (directory / f"samples_{task}_2026-12-05T00-00-00.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
 
-def speed_report(path: Path) -> Path:
-    def method(prefill, decode, e2e):
-        return {"prefill_speedup": prefill, "decode_speedup": decode, "e2e_speedup": e2e, "nll": 0.0}
+def method(prefill, decode, e2e):
+    return {"prefill_speedup": prefill, "decode_speedup": decode, "e2e_speedup": e2e, "nll": 0.0}
 
+
+def speed_report(path: Path) -> Path:
     summary = {
         "1024": {"dense": method(1, 1, 1), "sdtp": method(9, 9, 9)},
         "2048": {"dense": method(1, 1, 1), "sdtp": method(1.6, 1.1, 1.4), "snapkv": method(1.0, 1.2, 1.05)},
@@ -44,17 +45,24 @@ def test_scores_records_and_speed_join_by_label(tmp_path):
             for d in sdtp
         }
         write_run(tmp_path / "snapkv", task, sdtp, recs)
-    runs = [f"{n}={tmp_path / n}" for n in ("dense", "sdtp", "snapkv")]
+    write_run(tmp_path / "lingua", "a", {1: 0.25})  # a run of fewer documents: paired on the ones it has
+    write_run(tmp_path / "lingua", "b", {0: 0.1})
+    runs = [f"{n}={tmp_path / n}" for n in ("dense", "sdtp", "snapkv", "lingua")]
     paired.main(["--metric", "score", "--samples", *runs, "--out", str(tmp_path / "scores")])
+    # a second speed report (its own dense): it adds lingua; sdtp's speed-ups stay those of the first report
+    second = {"2048": {"dense": method(1, 1, 1), "sdtp": method(7, 7, 7), "lingua": method(0.7, 1.0, 0.8)}}
+    (tmp_path / "speed2.json").write_text(
+        json.dumps({"command": "python -m sdtp_eval.peers.long_text --llmlingua 0.65", "summary": second})
+    )
     report = main(
         [
             "--scores", str(tmp_path / "scores.json"),
-            "--speed", str(speed_report(tmp_path / "speed.json")),
+            "--speed", str(speed_report(tmp_path / "speed.json")), str(tmp_path / "speed2.json"),
             "--records", f"sdtp={tmp_path / 'sdtp'}", f"snapkv={tmp_path / 'snapkv'}",
             "--out", str(tmp_path / "t"),
         ]
     )  # fmt: skip
-    dense, sdtp, snapkv = report["rows"]
+    dense, sdtp, snapkv, lingua = report["rows"]
     assert report["length"] == 2048  # the longest length by default
     # task means: dense (0.75 + 0.2) / 2 = 0.475, sdtp (0.5 + 0.4) / 2 = 0.45
     assert dense["score"] == pytest.approx(0.475) and dense["compression"] == 1.0 and dense["kv_kept"] == 1.0
@@ -64,8 +72,13 @@ def test_scores_records_and_speed_join_by_label(tmp_path):
     assert sdtp["e2e_speedup"] == 1.4 and sdtp["prefill_speedup"] == 1.6
     assert snapkv["kv_kept"] == pytest.approx(0.6) and snapkv["compression"] == 1.0
     assert snapkv["compressor_seconds"] == 3.0 and snapkv["decode_speedup"] == 1.2
+    # lingua: docs a/1 and b/0 only; dense on them (0.5 + 0.2) / 2; speed from the second report only
+    assert lingua["documents"] == 2 and lingua["score"] == pytest.approx(0.175)
+    assert lingua["reference_score"] == pytest.approx(0.35) and lingua["e2e_speedup"] == 0.8
+    assert dense["reference_score"] == pytest.approx(0.475)
     md = (tmp_path / "t.md").read_text()
-    assert "| sdtp | 3 | 0.4500 | -0.0250" in md and "| 1.40 |" in md
+    assert "| sdtp | 3 | 0.4500 | 0.4750 | -0.0250" in md and "| 1.40 |" in md
+    assert md.count("python -m sdtp_eval.peers.long_text") == 2
     assert (tmp_path / "t.png").stat().st_size > 1000
 
     # no speed report: the speed cells stay empty rather than estimated

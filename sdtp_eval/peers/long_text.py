@@ -11,9 +11,13 @@ method kept of the text's predictability, and the time of each step is its decod
   appended uncompressed);
 * ``sdtp``: SDTP's pruned prefill (the chosen scorer at the default schedule; first 4 and last 10% of the
   prefix protected), each layer's cache holding the tokens that layer processed;
-* ``sdtp+PRESS``: SDTP's pruned prefill, then the press on each layer's pruned cache (paper Table 6).
+* ``sdtp+PRESS``: SDTP's pruned prefill, then the press on each layer's pruned cache (paper Table 6);
+* ``llmlingua`` (``--llmlingua RATE``): LLMLingua v1 (:mod:`sdtp_eval.peers.llmlingua_compressor`, its small LM
+  the evaluated model in the same dtype) rewrites the prefix's text keeping ``RATE`` of it; the compressed
+  text is prefilled dense and the same continuation fed after it. Its prefill time includes the compressor's
+  own seconds (the paper counts them end to end), which are also reported apart.
 
-All four run through the same :class:`~sdtp_core.engine.SDTPEngine` prefill and ``decode_step`` loop
+All of them run through the same :class:`~sdtp_core.engine.SDTPEngine` prefill and ``decode_step`` loop
 (:func:`~sdtp_eval.peers.kvpress_presses.press_prefill`), in one process, in an order rotated per document,
 so time ratios compare methods, not code paths. Text: the ``context`` of LongBench rows (default
 ``narrativeqa``: books and film scripts; :func:`sdtp_eval.longbench.tasks.load_rows`, local copy or the Hub).
@@ -42,7 +46,7 @@ from tqdm import tqdm
 
 from .kvpress_presses import NEEDS_EAGER, _kv_bytes, build_press, press_name, press_prefill
 
-DENSE, SDTP = "dense", "sdtp"
+DENSE, SDTP, LLMLINGUA = "dense", "sdtp", "llmlingua"
 
 
 def documents(tokenizer, dataset: str, need: int, count: int) -> list[tuple[int, list[int]]]:
@@ -97,10 +101,28 @@ def score_method(engine, ids: torch.Tensor, prefix: int, press, prune: bool) -> 
     }
 
 
-def methods(presses: list[str]) -> list[tuple[str, str | None, bool]]:
-    """``(label, press name or None, prune)`` for dense, each press, sdtp and sdtp+each press."""
+def score_compressed(engine, compressor, tokenizer, ids: torch.Tensor, prefix: int, rate: float) -> dict:
+    """LLMLingua's row: compress the text of ``ids[:, :prefix]`` to ``rate``, then :func:`score_method` on
+    the compressed tokens followed by the same continuation. ``prefill_seconds`` is the compressor's time
+    plus the target model's prefill (time to the first token); ``compression`` is prefix tokens over
+    compressed tokens (both in the evaluated model's tokenizer)."""
+    from .llmlingua_compressor import compress
+
+    out = compress(compressor, tokenizer.decode(ids[0, :prefix]), rate=rate)
+    kept = tokenizer(out.text, add_special_tokens=False, return_tensors="pt").input_ids
+    row = score_method(engine, torch.cat([kept, ids[:, prefix:]], dim=1), kept.shape[1], None, prune=False)
+    return row | {
+        "prefill_seconds": out.seconds + row["prefill_seconds"],
+        "compressor_seconds": out.seconds,
+        "compression": prefix / kept.shape[1],
+    }
+
+
+def methods(presses: list[str], llmlingua: bool = False) -> list[tuple[str, str | None, bool]]:
+    """``(label, press name or None, prune)`` for dense, each press, sdtp, sdtp+each press and, when asked,
+    llmlingua."""
     out = [(DENSE, None, False)] + [(p, p, False) for p in presses] + [(SDTP, None, True)]
-    return out + [(f"{SDTP}+{p}", p, True) for p in presses]
+    return out + [(f"{SDTP}+{p}", p, True) for p in presses] + ([(LLMLINGUA, None, False)] if llmlingua else [])
 
 
 def summarise(rows: list[dict], labels: list[str], lengths: list[int], reps: int = 2000) -> dict:
@@ -138,6 +160,8 @@ def summarise(rows: list[dict], labels: list[str], lengths: list[int], reps: int
                 ),
                 "e2e_speedup": statistics.median(_e2e_seconds(dense[r["doc"]]) / _e2e_seconds(r) for r in mine),
             }
+            if any("compressor_seconds" in r for r in mine):
+                out[key][label]["compressor_seconds"] = statistics.median(r["compressor_seconds"] for r in mine)
     return out
 
 
@@ -157,8 +181,14 @@ def format_markdown(report: dict) -> str:
         f"then the next {s['continuation']} tokens are fed one at a time (teacher forcing). NLL: nats per fed token. "
         f"Press ratio {s['ratio']} (fraction of each layer's KV entries removed; after SDTP "
         f"{s.get('sdtp_press_ratio', s['ratio'])}); SDTP scorer `{s['pruner']}`. "
-        f"E2E = the prefill plus the {s['continuation'] - 1} decoding steps. "
-        f"Speed-ups are medians over documents of dense time / method time, measured in one process "
+        f"E2E = the prefill plus the {s['continuation'] - 1} decoding steps"
+        + (
+            f"; LLMLingua keeps {s['llmlingua']} of the prefix's text and its prefill time includes the "
+            "compressor's own seconds. "
+            if s.get("llmlingua")
+            else ". "
+        )
+        + f"Speed-ups are medians over documents of dense time / method time, measured in one process "
         f"({report['machine'].get('cpu_model', '?')}, {s['dtype']}, {s['threads']} thread(s), load average at start "
         f"{', '.join(f'{x:.1f}' for x in report['machine']['loadavg_at_start'])}).",
         "",
@@ -172,10 +202,15 @@ def format_markdown(report: dict) -> str:
             lines.append(
                 f"| {length} | {label} | {m['compression']:.2f} | {m['kv_entries_per_layer']:.0f} | "
                 f"{m['kv_cache_mib']:.1f} | {m['nll']:.3f} | {m['nll_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
-                f"{m['perplexity']:.2f} | {m['prefill_seconds']:.2f} | {m['prefill_speedup']:.2f}x | "
+                f"{m['perplexity']:.2f} | {m['prefill_seconds']:.2f}{_compressor_note(m)} | "
+                f"{m['prefill_speedup']:.2f}x | "
                 f"{m['decode_tokens_per_second']:.1f} | {m['decode_speedup']:.2f}x | {m['e2e_speedup']:.2f}x |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _compressor_note(m: dict) -> str:
+    return f" (compressor {m['compressor_seconds']:.2f})" if "compressor_seconds" in m else ""
 
 
 def plot(report: dict, path: Path) -> None:
@@ -253,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presses", nargs="*", default=["streaming_llm"], help="kvpress presses (default streaming_llm)")
     p.add_argument("--ratio", type=float, default=0.35, help="press ratio: fraction of KV entries removed")
     p.add_argument("--sdtp-press-ratio", type=float, help="the press ratio after SDTP's prefill (default: --ratio)")
+    p.add_argument("--llmlingua", type=float, help="also LLMLingua v1 keeping this fraction of the prefix text")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="prefix lengths (tokens)")
     p.add_argument("--continuation", type=int, default=128, help="tokens scored after each prefix")
     p.add_argument("--docs", type=int, default=10, help="documents per length")
@@ -277,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     sdtp_ratio = args.ratio if args.sdtp_press_ratio is None else args.sdtp_press_ratio
     if not (0 < args.ratio < 1 and 0 < sdtp_ratio < 1):
         raise SystemExit(f"--ratio and --sdtp-press-ratio must be in (0, 1), got {args.ratio}, {sdtp_ratio}")
+    if args.llmlingua is not None and not 0 < args.llmlingua < 1:
+        raise SystemExit(f"--llmlingua is the fraction of the text kept, in (0, 1), got {args.llmlingua}")
     presses = [press_name(p) for p in args.presses]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -288,7 +326,12 @@ def main(argv: list[str] | None = None) -> dict:
     engine = SDTPEngine(model, load_pruner(args.pruner, model))
     lengths = sorted(args.lengths)
     docs = documents(tok, args.dataset, lengths[-1] + args.continuation, args.docs)
-    plan = methods(presses)
+    plan = methods(presses, llmlingua=args.llmlingua is not None)
+    compressor = None
+    if args.llmlingua is not None:
+        from .llmlingua_compressor import load_compressor
+
+        compressor = load_compressor(model.config._name_or_path, dtype=model.dtype)
     press_objects = {
         (p, prune): build_press(p, sdtp_ratio if prune else args.ratio) for p in presses for prune in (False, True)
     }
@@ -303,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
             "presses": presses,
             "ratio": args.ratio,
             "sdtp_press_ratio": sdtp_ratio,
+            "llmlingua": args.llmlingua,
             "lengths": lengths,
             "continuation": args.continuation,
             "docs": args.docs,
@@ -313,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     # Warm-up (first-call allocations and kernel selection) outside the measurements.
     score_method(engine, torch.tensor([docs[0][1][:64]]), 48, None, prune=True)
+    if compressor is not None:
+        score_compressed(engine, compressor, tok, torch.tensor([docs[0][1][:64]]), 48, args.llmlingua)
     work = [(n, d) for n in lengths for d in range(len(docs))]
     for n, d in tqdm(work, desc="long text", unit="doc"):
         ids = torch.tensor([docs[d][1][: n + args.continuation]])
@@ -320,7 +366,10 @@ def main(argv: list[str] | None = None) -> dict:
         for label, press, prune in order:
             # Only a press that reads attention weights runs (and is timed) with eager attention.
             model.set_attn_implementation("eager" if press in NEEDS_EAGER else "sdpa")
-            row = score_method(engine, ids, n, press_objects.get((press, prune)), prune)
+            if label == LLMLINGUA:
+                row = score_compressed(engine, compressor, tok, ids, n, args.llmlingua)
+            else:
+                row = score_method(engine, ids, n, press_objects.get((press, prune)), prune)
             report["rows"].append({"length": n, "doc": docs[d][0], "method": label, **row})
     report["summary"] = summarise(report["rows"], [label for label, _, _ in plan], lengths)
     write_report(report, args.out)

@@ -8,9 +8,10 @@ It joins three measured sources, each produced by its own command:
 * **what each method kept**, from the per-request ``sdtp`` records in the lm-eval samples of each run
   (``--records LABEL=DIR``): 1/τ (prompt tokens over the mean tokens a layer processed), the fraction of
   the prompt's KV entries each layer holds after the prefill, and LLMLingua's own seconds per request;
-* **speed**: a :mod:`sdtp_eval.peers.long_text` report (every method in one process on the same texts), at one
-  prefix length: prefill, per-token decoding and end-to-end (prefill plus the decoding steps) speed-ups
-  over dense.
+* **speed**: one or more :mod:`sdtp_eval.peers.long_text` reports (each: its methods in one process on the
+  same texts), at one prefix length: prefill, per-token decoding and end-to-end (prefill plus the decoding
+  steps) speed-ups over that report's own dense run. A method takes its speed-ups from the first report
+  that has it.
 
 Labels join the sources: a method's label in the paired report is its label in the speed report
 (``dense``, ``sdtp``, ``snapkv``, ``sdtp+snapkv``, ...) and in ``--records``. A source that lacks a method
@@ -67,9 +68,11 @@ def request_records(path: Path) -> dict:
     return out
 
 
-def build(scores: dict, speed: dict | None, length: int | None, records: dict[str, dict]) -> dict:
+def build(scores: dict, speeds: list[dict], length: int | None, records: dict[str, dict]) -> dict:
     """One row per run of the paired report ``scores``, in its order."""
-    summary = (speed or {}).get("summary", {}).get(str(length), {})
+    summary: dict[str, dict] = {}
+    for speed in speeds:  # the first report that has a method gives its speed-ups
+        summary = speed["summary"].get(str(length), {}) | summary
     rows = []
     for label in scores["runs"]:
         score = scores["tasks"].get(TASK_MEAN, {}).get(label)
@@ -79,6 +82,7 @@ def build(scores: dict, speed: dict | None, length: int | None, records: dict[st
             "method": label,
             "documents": score["n"],
             "score": score["mean"],
+            "reference_score": score["reference_mean"],
             "diff": score["diff"],
             "diff_ci": score["diff_ci"],
             "retention": score["retention"],
@@ -104,20 +108,23 @@ def format_markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Score: the unweighted task mean ({report['scores_command']}); Δ paired by document with its 95% "
+        f"Score: the unweighted task mean ({report['scores_command']}) over the method's documents, and "
+        f"`{ref}`'s on the same documents; Δ paired by document with its 95% "
         "bootstrap interval. 1/τ and KV kept: means over the run's requests (KV kept = entries each layer holds "
         f"after the prefill / prompt tokens). Speed-ups: medians over documents at {n} prompt tokens, every "
-        f"method in one process ({report.get('speed_command', 'no speed report')}); E2E = prefill plus the "
-        "decoding steps; a prompt compressor's own seconds are listed apart.",
+        f"method of a speed report in one process, against that report's `{ref}` "
+        f"({'; '.join(report.get('speed_commands', [])) or 'no speed report'}); E2E = prefill plus the "
+        "decoding steps, a prompt compressor's own seconds included (and listed apart per request).",
         "",
-        "| method | docs | score | Δ [95% CI] | retention | 1/τ | KV kept | prefill speed-up | decode speed-up "
-        "| E2E speed-up | compressor s/request |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | docs | score | {ref} on its docs | Δ [95% CI] | retention | 1/τ | KV kept | prefill speed-up "
+        "| decode speed-up | E2E speed-up | compressor s/request |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lo, hi = r["diff_ci"]
         lines.append(
-            f"| {r['method']} | {r['documents']} | {r['score']:.4f} | {r['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+            f"| {r['method']} | {r['documents']} | {r['score']:.4f} | {r['reference_score']:.4f} | "
+            f"{r['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
             f"{r['retention']:.3f} | {_cell(r, 'compression', '.2f')} | {_cell(r, 'kv_kept', '.2f')} | "
             f"{_cell(r, 'prefill_speedup', '.2f')} | {_cell(r, 'decode_speedup', '.2f')} | "
             f"{_cell(r, 'e2e_speedup', '.2f')} | {_cell(r, 'compressor_seconds', '.1f')} |"
@@ -155,19 +162,19 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m sdtp_eval.peers.tradeoff", description=__doc__.split("\n\n")[0])
     p.add_argument("--scores", type=Path, required=True, help="a paired report (sdtp_eval.retention.paired) JSON")
-    p.add_argument("--speed", type=Path, help="a long_text report (sdtp_eval.peers.long_text) JSON")
-    p.add_argument("--length", type=int, help="the speed report's prefix length to use (default: its longest)")
+    p.add_argument("--speed", type=Path, nargs="*", default=[], help="long_text reports (sdtp_eval.peers.long_text)")
+    p.add_argument("--length", type=int, help="the speed reports' prefix length (default: the first's longest)")
     p.add_argument("--records", nargs="*", default=[], help="LABEL=DIR: a run's lm-eval output (1/τ, KV kept)")
     p.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
     args = p.parse_args(argv)
     scores = json.loads(args.scores.read_text(encoding="utf-8"))
-    speed = json.loads(args.speed.read_text(encoding="utf-8")) if args.speed else None
+    speeds = [json.loads(path.read_text(encoding="utf-8")) for path in args.speed]
     length = args.length
-    if speed is not None:
+    for path, speed in zip(args.speed, speeds):
         lengths = [int(k) for k in speed["summary"]]
         length = length or max(lengths)
         if length not in lengths:
-            p.error(f"--length {length} is not in the speed report (it has {lengths})")
+            p.error(f"--length {length} is not in the speed report {path} (it has {lengths})")
     sources = dict(map(parse_source, args.records))
     unknown = sorted(set(sources) - set(scores["runs"]))
     if unknown:
@@ -176,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": "python -m sdtp_eval.peers.tradeoff " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "scores_command": scores["command"],
-        **({"speed_command": speed["command"], "machine": speed.get("machine")} if speed else {}),
-        **build(scores, speed, length, records),
+        **({"speed_commands": [s["command"] for s in speeds], "machine": speeds[0].get("machine")} if speeds else {}),
+        **build(scores, speeds, length, records),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
