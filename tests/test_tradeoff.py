@@ -39,14 +39,18 @@ def test_scores_records_and_speed_join_by_label(tmp_path):
         # two requests pruned at 1/τ 1.5 and 2.0: KV kept is 1/τ per request, averaged (2/3 + 1/2) / 2
         recs = {d: [{"prompt_tokens": 100, "compression": 1.5 if d == 0 else 2.0}] for d in sdtp}
         write_run(tmp_path / "sdtp", task, sdtp, recs)
-        # a press alone: 1/τ 1, 60 of 100 entries per layer; LLMLingua-style compressor seconds too
-        recs = {
-            d: [{"compressor_seconds": 3.0}, {"prompt_tokens": 100, "compression": 1.0, "kv_entries_per_layer": 60}]
-            for d in sdtp
-        }
+        # a press alone: 1/τ 1, 60 of 100 entries per layer
+        recs = {d: [{"prompt_tokens": 100, "compression": 1.0, "kv_entries_per_layer": 60}] for d in sdtp}
         write_run(tmp_path / "snapkv", task, sdtp, recs)
-    write_run(tmp_path / "lingua", "a", {1: 0.25})  # a run of fewer documents: paired on the ones it has
-    write_run(tmp_path / "lingua", "b", {0: 0.1})
+    # LLMLingua on fewer documents (paired on the ones it has): 200 -> 80 and 200 -> 100 tokens, prefilled
+    # dense: 1/τ (2.5 + 2) / 2, KV kept (0.4 + 0.5) / 2, 3 and 5 compressor seconds
+    lingua = {"compressor": "llmlingua", "compressor_tokens_before": 200}
+    write_run(
+        tmp_path / "lingua", "a", {1: 0.25}, {1: [lingua | {"compressor_seconds": 3.0, "compressor_tokens_after": 80}]}
+    )
+    write_run(
+        tmp_path / "lingua", "b", {0: 0.1}, {0: [lingua | {"compressor_seconds": 5.0, "compressor_tokens_after": 100}]}
+    )
     runs = [f"{n}={tmp_path / n}" for n in ("dense", "sdtp", "snapkv", "lingua")]
     paired.main(["--metric", "score", "--samples", *runs, "--out", str(tmp_path / "scores")])
     # a second speed report (its own dense): it adds lingua; sdtp's speed-ups stay those of the first report
@@ -58,7 +62,7 @@ def test_scores_records_and_speed_join_by_label(tmp_path):
         [
             "--scores", str(tmp_path / "scores.json"),
             "--speed", str(speed_report(tmp_path / "speed.json")), str(tmp_path / "speed2.json"),
-            "--records", f"sdtp={tmp_path / 'sdtp'}", f"snapkv={tmp_path / 'snapkv'}",
+            "--records", f"sdtp={tmp_path / 'sdtp'}", f"snapkv={tmp_path / 'snapkv'}", f"lingua={tmp_path / 'lingua'}",
             "--out", str(tmp_path / "t"),
         ]
     )  # fmt: skip
@@ -71,7 +75,9 @@ def test_scores_records_and_speed_join_by_label(tmp_path):
     assert sdtp["kv_kept"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
     assert sdtp["e2e_speedup"] == 1.4 and sdtp["prefill_speedup"] == 1.6
     assert snapkv["kv_kept"] == pytest.approx(0.6) and snapkv["compression"] == 1.0
-    assert snapkv["compressor_seconds"] == 3.0 and snapkv["decode_speedup"] == 1.2
+    assert "compressor_seconds" not in snapkv and snapkv["decode_speedup"] == 1.2
+    assert lingua["requests"] == 2 and lingua["compression"] == pytest.approx(2.25)
+    assert lingua["kv_kept"] == pytest.approx(0.45) and lingua["compressor_seconds"] == pytest.approx(4.0)
     # lingua: docs a/1 and b/0 only; dense on them (0.5 + 0.2) / 2; speed from the second report only
     assert lingua["documents"] == 2 and lingua["score"] == pytest.approx(0.175)
     assert lingua["reference_score"] == pytest.approx(0.35) and lingua["e2e_speedup"] == 0.8
@@ -101,3 +107,15 @@ def test_bad_input_is_named(tmp_path):
         main(["--scores", scores, "--records", f"y={tmp_path / 'x'}", "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="no sample .* carries sdtp request records"):
         main(["--scores", scores, "--records", f"x={tmp_path / 'x'}", "--out", str(tmp_path / "o")])
+
+
+def test_a_compressed_and_pruned_request_counts_from_the_uncompressed_prompt():
+    from sdtp_eval.peers.tradeoff import _request
+
+    lingua = {"compressor_seconds": 2.0, "compressor_tokens_before": 200, "compressor_tokens_after": 98}
+    # LLMLingua 200 -> 98 tokens, the chat template makes it 100, pruning at 1/τ 2 processes 50 per layer
+    row = _request({"prompt_tokens": 100, "compression": 2.0}, lingua)
+    assert row == {"compression": 4.0, "kv_kept": 0.25, "compressor_seconds": 2.0}
+    # a press after the pruned prefill: its cache, over the uncompressed prompt
+    row = _request({"prompt_tokens": 100, "compression": 2.0, "kv_entries_per_layer": 25}, None)
+    assert row == {"compression": 2.0, "kv_kept": 0.25}

@@ -41,31 +41,45 @@ from sdtp_eval.retention.paired import TASK_MEAN
 
 def request_records(path: Path) -> dict:
     """Means over the requests of an lm-eval output directory (its ``sdtp`` sample records): ``requests``,
-    ``compression`` (1/τ), ``kv_kept`` (KV entries per layer / prompt tokens after the prefill) and, when
-    a prompt compressor ran, ``compressor_seconds``."""
-    records = []
+    ``compression`` (1/τ: prompt tokens over the mean tokens a layer processed), ``kv_kept`` (KV entries per
+    layer after the prefill / prompt tokens) and, when a prompt compressor ran, ``compressor_seconds``.
+
+    A compressed request counts from the prompt before compression (the compressor's own token counts, in
+    the evaluated model's tokenizer): without pruning, every layer processes the compressed prompt; with
+    pruning too, the pruning record of the same sample says how many tokens a layer processed of it."""
+    requests = []
     for file in sample_files(path, "samples_*.jsonl"):
         for line in file.read_text(encoding="utf-8").split("\n"):
-            if line.strip():
-                records += json.loads(line).get("sdtp", [])
-    pruned = [r for r in records if "prompt_tokens" in r]
-    if not pruned:
+            if not line.strip():
+                continue
+            records = json.loads(line).get("sdtp", [])
+            lingua = [r for r in records if "compressor_seconds" in r]
+            pruned = [r for r in records if "prompt_tokens" in r]
+            if lingua:  # a generation request: one compression, at most one pruning record
+                requests.append(_request(pruned[0] if pruned else None, lingua[0]))
+            else:
+                requests += [_request(r, None) for r in pruned]
+    if not requests:
         raise ValueError(f"no sample under {path} carries sdtp request records (run with --log_samples)")
-
-    def kv_kept(r: dict) -> float:
-        if "kv_entries_per_layer" in r:  # a press ran: its cache after compression
-            return r["kv_entries_per_layer"] / r["prompt_tokens"]
-        return 1 / r["compression"]  # the pruned prefill alone: a layer holds the tokens it processed
-
-    out = {
-        "requests": len(pruned),
-        "compression": statistics.fmean(r["compression"] for r in pruned),
-        "kv_kept": statistics.fmean(kv_kept(r) for r in pruned),
+    out = {"requests": len(requests)} | {
+        key: statistics.fmean(r[key] for r in requests) for key in ("compression", "kv_kept")
     }
-    lingua = [r["compressor_seconds"] for r in records if "compressor_seconds" in r]
-    if lingua:
-        out["compressor_seconds"] = statistics.fmean(lingua)
+    lingua_seconds = [r["compressor_seconds"] for r in requests if "compressor_seconds" in r]
+    if lingua_seconds:
+        out["compressor_seconds"] = statistics.fmean(lingua_seconds)
     return out
+
+
+def _request(pruned: dict | None, lingua: dict | None) -> dict:
+    """One request's 1/τ and KV kept from its pruning record and/or its compressor record."""
+    if pruned is None:  # the compressed prompt, prefilled dense
+        processed = kv = lingua["compressor_tokens_after"]
+    else:
+        processed = pruned["prompt_tokens"] / pruned["compression"]  # mean tokens a layer processed
+        kv = pruned.get("kv_entries_per_layer", processed)  # a press ran: its cache after compression
+    before = lingua["compressor_tokens_before"] if lingua else pruned["prompt_tokens"]
+    out = {"compression": before / processed, "kv_kept": kv / before}
+    return out | ({"compressor_seconds": lingua["compressor_seconds"]} if lingua else {})
 
 
 def build(scores: dict, speeds: list[dict], length: int | None, records: dict[str, dict]) -> dict:
