@@ -402,3 +402,15 @@ def test_long_text_llmlingua_scores_the_continuation_after_the_compressed_text(l
     assert row["kv_entries_per_layer"] == kept.shape[1] < prefix
     assert row["compression"] == pytest.approx(prefix / kept.shape[1]) and row["compression"] > 1.5
     assert row["prefill_seconds"] > row["compressor_seconds"] > 0
+
+
+def test_long_text_methods_and_bad_options(kvp):
+    from sdtp_eval.peers.long_text import main, methods
+
+    assert [label for label, _, _ in methods(["snapkv"], sdtp_low=True, llmlingua=True)] == [
+        "dense", "snapkv", "sdtp", "sdtp+snapkv", "sdtp_low", "llmlingua"
+    ]  # fmt: skip
+    assert ("sdtp_low", None, True) in methods([], sdtp_low=True) and len(methods([])) == 2
+    for bad in (["--sdtp-low", "1.0"], ["--llmlingua", "0"], ["--ratio", "1.5"]):
+        with pytest.raises(SystemExit):
+            main([*bad, "--out", "/nonexistent/x"])

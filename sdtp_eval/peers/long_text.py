@@ -12,6 +12,7 @@ method kept of the text's predictability, and the time of each step is its decod
 * ``sdtp``: SDTP's pruned prefill (the chosen scorer at the default schedule; first 4 and last 10% of the
   prefix protected), each layer's cache holding the tokens that layer processed;
 * ``sdtp+PRESS``: SDTP's pruned prefill, then the press on each layer's pruned cache (paper Table 6);
+* ``sdtp_low`` (``--sdtp-low KEEP``): SDTP with the milder keep ratio ``KEEP`` per stage (the paper's SDTP-low);
 * ``llmlingua`` (``--llmlingua RATE``): LLMLingua v1 (:mod:`sdtp_eval.peers.llmlingua_compressor`, its small LM
   the evaluated model in the same dtype) rewrites the prefix's text keeping ``RATE`` of it; the compressed
   text is prefilled dense and the same continuation fed after it. Its prefill time includes the compressor's
@@ -46,7 +47,7 @@ from tqdm import tqdm
 
 from .kvpress_presses import NEEDS_EAGER, _kv_bytes, build_press, press_name, press_prefill
 
-DENSE, SDTP, LLMLINGUA = "dense", "sdtp", "llmlingua"
+DENSE, SDTP, SDTP_LOW, LLMLINGUA = "dense", "sdtp", "sdtp_low", "llmlingua"
 
 
 def documents(tokenizer, dataset: str, need: int, count: int) -> list[tuple[int, list[int]]]:
@@ -118,11 +119,12 @@ def score_compressed(engine, compressor, tokenizer, ids: torch.Tensor, prefix: i
     }
 
 
-def methods(presses: list[str], llmlingua: bool = False) -> list[tuple[str, str | None, bool]]:
+def methods(presses: list[str], sdtp_low: bool = False, llmlingua: bool = False) -> list[tuple[str, str | None, bool]]:
     """``(label, press name or None, prune)`` for dense, each press, sdtp, sdtp+each press and, when asked,
-    llmlingua."""
+    sdtp_low and llmlingua."""
     out = [(DENSE, None, False)] + [(p, p, False) for p in presses] + [(SDTP, None, True)]
-    return out + [(f"{SDTP}+{p}", p, True) for p in presses] + ([(LLMLINGUA, None, False)] if llmlingua else [])
+    out += [(f"{SDTP}+{p}", p, True) for p in presses]
+    return out + ([(SDTP_LOW, None, True)] if sdtp_low else []) + ([(LLMLINGUA, None, False)] if llmlingua else [])
 
 
 def summarise(rows: list[dict], labels: list[str], lengths: list[int], reps: int = 2000) -> dict:
@@ -180,8 +182,9 @@ def format_markdown(report: dict) -> str:
         f"Text: the first {s['docs']} `{s['dataset']}` contexts long enough; each prefix of L tokens is prefilled, "
         f"then the next {s['continuation']} tokens are fed one at a time (teacher forcing). NLL: nats per fed token. "
         f"Press ratio {s['ratio']} (fraction of each layer's KV entries removed; after SDTP "
-        f"{s.get('sdtp_press_ratio', s['ratio'])}); SDTP scorer `{s['pruner']}`. "
-        f"E2E = the prefill plus the {s['continuation'] - 1} decoding steps"
+        f"{s.get('sdtp_press_ratio', s['ratio'])}); SDTP scorer `{s['pruner']}`"
+        + (f", SDTP-low keeps {s['sdtp_low']} per stage. " if s.get("sdtp_low") else ". ")
+        + f"E2E = the prefill plus the {s['continuation'] - 1} decoding steps"
         + (
             f"; LLMLingua keeps {s['llmlingua']} of the prefix's text and its prefill time includes the "
             "compressor's own seconds. "
@@ -288,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presses", nargs="*", default=["streaming_llm"], help="kvpress presses (default streaming_llm)")
     p.add_argument("--ratio", type=float, default=0.35, help="press ratio: fraction of KV entries removed")
     p.add_argument("--sdtp-press-ratio", type=float, help="the press ratio after SDTP's prefill (default: --ratio)")
+    p.add_argument("--sdtp-low", type=float, help="also SDTP at this milder keep ratio per stage (e.g. 0.95)")
     p.add_argument("--llmlingua", type=float, help="also LLMLingua v1 keeping this fraction of the prefix text")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="prefix lengths (tokens)")
     p.add_argument("--continuation", type=int, default=128, help="tokens scored after each prefix")
@@ -313,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
     sdtp_ratio = args.ratio if args.sdtp_press_ratio is None else args.sdtp_press_ratio
     if not (0 < args.ratio < 1 and 0 < sdtp_ratio < 1):
         raise SystemExit(f"--ratio and --sdtp-press-ratio must be in (0, 1), got {args.ratio}, {sdtp_ratio}")
+    if args.sdtp_low is not None and not 0 < args.sdtp_low < 1:
+        raise SystemExit(f"--sdtp-low is a keep ratio per stage, in (0, 1), got {args.sdtp_low}")
     if args.llmlingua is not None and not 0 < args.llmlingua < 1:
         raise SystemExit(f"--llmlingua is the fraction of the text kept, in (0, 1), got {args.llmlingua}")
     presses = [press_name(p) for p in args.presses]
@@ -326,7 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
     engine = SDTPEngine(model, load_pruner(args.pruner, model))
     lengths = sorted(args.lengths)
     docs = documents(tok, args.dataset, lengths[-1] + args.continuation, args.docs)
-    plan = methods(presses, llmlingua=args.llmlingua is not None)
+    plan = methods(presses, sdtp_low=args.sdtp_low is not None, llmlingua=args.llmlingua is not None)
+    engines = (
+        {SDTP_LOW: SDTPEngine(model, load_pruner(args.pruner, model, keep_ratio=args.sdtp_low))}
+        if args.sdtp_low
+        else {}
+    )
     compressor = None
     if args.llmlingua is not None:
         from .llmlingua_compressor import load_compressor
@@ -346,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
             "presses": presses,
             "ratio": args.ratio,
             "sdtp_press_ratio": sdtp_ratio,
+            "sdtp_low": args.sdtp_low,
             "llmlingua": args.llmlingua,
             "lengths": lengths,
             "continuation": args.continuation,
@@ -369,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
             if label == LLMLINGUA:
                 row = score_compressed(engine, compressor, tok, ids, n, args.llmlingua)
             else:
-                row = score_method(engine, ids, n, press_objects.get((press, prune)), prune)
+                row = score_method(engines.get(label, engine), ids, n, press_objects.get((press, prune)), prune)
             report["rows"].append({"length": n, "doc": docs[d][0], "method": label, **row})
     report["summary"] = summarise(report["rows"], [label for label, _, _ in plan], lengths)
     write_report(report, args.out)
