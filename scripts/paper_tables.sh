@@ -26,7 +26,7 @@ case ${1:-} in
     done
     python -m sdtp_eval.peers.long_text --lengths 2048 --docs 5 --continuation 64 \
       --presses streaming_llm snapkv observed_attention knorm tova --ratio $MATCHED --sdtp-press-ratio 0.5 \
-      --llmlingua 0.65 --dtype bfloat16 --threads 1 --out results/table1_speed_cpu
+      --sdtp-low 0.95 --llmlingua 0.65 --dtype bfloat16 --threads 1 --out results/table1_speed_cpu
     # labels = the speed report's method names, so the table can join them
     runs=(dense sdtp=attention sdtp_low streaming_llm snapkv observed_attention=h2o knorm tova sdtp+snapkv=sdtp_snapkv
           llmlingua)
