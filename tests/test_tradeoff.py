@@ -87,6 +87,18 @@ def test_scores_records_and_speed_join_by_label(tmp_path):
     assert md.count("python -m sdtp_eval.peers.long_text") == 2
     assert (tmp_path / "t.png").stat().st_size > 1000
 
+    # the runs' outputs gone: their records come from the rows of the earlier report, unchanged
+    again = main(
+        ["--scores", str(tmp_path / "scores.json"), "--records", f"sdtp={tmp_path / 't.json'}:sdtp",
+         f"lingua={tmp_path / 't.json'}:lingua", "--out", str(tmp_path / "v")]
+    )  # fmt: skip
+    keys = ("requests", "compression", "kv_kept", "compressor_seconds")
+    assert {k: again["rows"][1][k] for k in keys[:3]} == {k: sdtp[k] for k in keys[:3]}
+    assert {k: again["rows"][3][k] for k in keys} == {k: lingua[k] for k in keys}
+    with pytest.raises(ValueError, match="has no method 'nope'"):
+        main(["--scores", str(tmp_path / "scores.json"), "--records", f"sdtp={tmp_path / 't.json'}:nope",
+              "--out", str(tmp_path / "w")])  # fmt: skip
+
     # no speed report: the speed cells stay empty rather than estimated
     report = main(["--scores", str(tmp_path / "scores.json"), "--out", str(tmp_path / "u")])
     assert "e2e_speedup" not in report["rows"][1] and "| — |" in (tmp_path / "u.md").read_text()

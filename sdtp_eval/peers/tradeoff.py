@@ -8,6 +8,8 @@ It joins three measured sources, each produced by its own command:
 * **what each method kept**, from the per-request ``sdtp`` records in the lm-eval samples of each run
   (``--records LABEL=DIR``): 1/τ (prompt tokens over the mean tokens a layer processed), the fraction of
   the prompt's KV entries each layer holds after the prefill, and LLMLingua's own seconds per request;
+  or, once a run's outputs are gone, from a row of an earlier report of this tool
+  (``--records LABEL=REPORT.json:METHOD``);
 * **speed**: one or more :mod:`sdtp_eval.peers.long_text` reports (each: its methods in one process on the
   same texts), at one prefix length: prefill, per-token decoding and end-to-end (prefill plus the decoding
   steps) speed-ups over that report's own dense run. A method takes its speed-ups from the first report
@@ -67,6 +69,24 @@ def request_records(path: Path) -> dict:
     lingua_seconds = [r["compressor_seconds"] for r in requests if "compressor_seconds" in r]
     if lingua_seconds:
         out["compressor_seconds"] = statistics.fmean(lingua_seconds)
+    return out
+
+
+RECORD_KEYS = ("requests", "compression", "kv_kept", "compressor_seconds")
+
+
+def read_records(path: Path) -> dict:
+    """:func:`request_records` of an lm-eval output directory, or the same values of one method's row of an
+    earlier report of this tool (``REPORT.json:METHOD``)."""
+    report, _, method = str(path).rpartition(".json:")
+    if not report:
+        return request_records(path)
+    rows = {r["method"]: r for r in json.loads(Path(report + ".json").read_text(encoding="utf-8"))["rows"]}
+    if method not in rows:
+        raise ValueError(f"{report}.json has no method {method!r}; it has {sorted(rows)}")
+    out = {k: rows[method][k] for k in RECORD_KEYS if k in rows[method]}
+    if "compression" not in out:
+        raise ValueError(f"{report}.json has no 1/τ for {method!r} (its records were not given)")
     return out
 
 
@@ -178,7 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scores", type=Path, required=True, help="a paired report (sdtp_eval.retention.paired) JSON")
     p.add_argument("--speed", type=Path, nargs="*", default=[], help="long_text reports (sdtp_eval.peers.long_text)")
     p.add_argument("--length", type=int, help="the speed reports' prefix length (default: the first's longest)")
-    p.add_argument("--records", nargs="*", default=[], help="LABEL=DIR: a run's lm-eval output (1/τ, KV kept)")
+    p.add_argument(
+        "--records",
+        nargs="*",
+        default=[],
+        help="LABEL=DIR: a run's lm-eval output (1/τ, KV kept); LABEL=REPORT.json:METHOD: an earlier report's row",
+    )
     p.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
     args = p.parse_args(argv)
     scores = json.loads(args.scores.read_text(encoding="utf-8"))
@@ -193,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(sources) - set(scores["runs"]))
     if unknown:
         p.error(f"--records labels {unknown} are not runs of the scores report ({scores['runs']})")
-    records = {label: request_records(path) for label, path in sources.items()}
+    records = {label: read_records(path) for label, path in sources.items()}
     report = {
         "command": "python -m sdtp_eval.peers.tradeoff " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "scores_command": scores["command"],
