@@ -131,3 +131,27 @@ def test_documents_that_differ_under_the_same_doc_id_are_refused(tmp_path):
         main(
             ["--metric", "acc", "--samples", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--out", str(tmp_path / "r")]
         )
+
+
+def test_reports_written_one_task_at_a_time_merge_into_one_comparison(tmp_path):
+    """Per-task reports (written over several sessions) read through a glob give the statistics of the
+    runs read together; a task in two of the reports is refused."""
+    for task, dense, pruned in [("t", {0: 1.0, 1: 0.0, 2: 1.0}, {0: 0.0, 1: 0.0, 2: 1.0}), ("u", {0: 1.0}, {0: 1.0})]:
+        write_samples(tmp_path / "dense", task, dense, "acc")
+        write_samples(tmp_path / "pruned", task, pruned, "acc")
+        write_samples(tmp_path / task / "dense", task, dense, "acc")
+        write_samples(tmp_path / task / "pruned", task, pruned, "acc")
+        (tmp_path / "per_task").mkdir(exist_ok=True)
+        main(["--metric", "acc", "--samples", f"dense={tmp_path / task / 'dense'}",
+              f"pruned={tmp_path / task / 'pruned'}", "--out", str(tmp_path / "per_task" / task)])  # fmt: skip
+    together = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'dense'}", f"pruned={tmp_path / 'pruned'}",
+                     "--out", str(tmp_path / "together")])  # fmt: skip
+    merged = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'per_task'}/*.json:dense",
+                   f"pruned={tmp_path / 'per_task'}/*.json:pruned", "--out", str(tmp_path / "merged")])  # fmt: skip
+    assert merged["tasks"] == together["tasks"] and merged["tasks"]["task mean"]["pruned"]["n"] == 4
+    per_task = tmp_path / "per_task"
+    main(["--metric", "acc", "--samples", f"dense={tmp_path / 't' / 'dense'}", "--out", str(per_task / "t2")])
+    with pytest.raises(ValueError, match="repeats tasks \\['t'\\]"):
+        main(["--metric", "acc", "--samples", f"dense={per_task}/*.json:dense", "--out", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="no report matches"):
+        main(["--metric", "acc", "--samples", f"dense={tmp_path}/none/*.json:dense", "--out", str(tmp_path / "x")])

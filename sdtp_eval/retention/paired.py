@@ -21,12 +21,15 @@ whose document differs (data regenerated differently, another limit or seed) is 
 Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (differences with their intervals). ``OUT.json`` keeps
 every run's per-document values, so a later run can be paired against a committed report without the
 lm-eval outputs it came from: ``--samples dense=results/OLD.json`` takes run ``dense`` from that report
-(``LABEL=REPORT.json:RUN`` takes run ``RUN`` under the new label).
+(``LABEL=REPORT.json:RUN`` takes run ``RUN`` under the new label; ``LABEL='DIR/*.json:RUN'`` merges the
+tasks of run ``RUN`` from every report the glob matches, e.g. one report per task written over several
+sessions).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import random
@@ -50,6 +53,8 @@ def read_samples(path: Path, metric: str, label: str | None = None) -> tuple[Run
     samples file per task), a samples file, or a report of this tool (``REPORT.json`` or ``REPORT.json:RUN``;
     the run is ``label`` when not named)."""
     report, _, run = str(path).rpartition(".json:")
+    if report and "*" in report:
+        return _read_reports(report + ".json", run, metric)
     if report:
         return _read_report(Path(report + ".json"), run, metric)
     if path.suffix == ".json":
@@ -79,6 +84,24 @@ def _read_report(path: Path, run: str | None, metric: str) -> tuple[Run, dict[st
         raise ValueError(f"{path} has no run {run!r}; it has {sorted(documents)}")
     values = {task: {int(d): v for d, (v, _) in docs.items()} for task, docs in documents[run].items()}
     hashes = {task: {int(d): h for d, (_, h) in docs.items() if h} for task, docs in documents[run].items()}
+    return values, hashes
+
+
+def _read_reports(pattern: str, run: str, metric: str) -> tuple[Run, dict[str, dict[int, str]]]:
+    """Run ``run`` of every report matching the glob ``pattern`` (e.g. one report per task, written over
+    several sessions), its tasks merged; a task in two reports is refused."""
+    paths = [Path(p) for p in sorted(glob.glob(pattern))]
+    if not paths:
+        raise FileNotFoundError(f"no report matches {pattern}")
+    values: Run = {}
+    hashes: dict[str, dict[int, str]] = {}
+    for path in paths:
+        more, more_hashes = _read_report(path, run, metric)
+        twice = sorted(set(more) & set(values))
+        if twice:
+            raise ValueError(f"{path} repeats tasks {twice} of an earlier report matching {pattern}")
+        values |= more
+        hashes |= more_hashes
     return values, hashes
 
 
