@@ -4,6 +4,7 @@
 #   bash scripts/retention_runs.sh lbgen dense        # LongBench generation, one configuration
 #   bash scripts/retention_runs.sh lbgen llmlingua 10 # the same, first 10 rows of each task (into lbgen10/)
 #   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
+#   bash scripts/retention_runs.sh t3report attention default  # per-task reports of the Table 3 runs so far
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #   bash scripts/retention_runs.sh needle dense 2k 55 # the needle depth sweep, first 55 documents (5 per depth)
 #   bash scripts/retention_runs.sh nll dense          # LongBench answer NLL, 46 answers at 2048 tokens
@@ -32,8 +33,14 @@
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
 # git); the report commands in the results files read them from there. Needs the evaluation data offline
 # (python -m sdtp_eval.data install --from ../shared/data) or Hub access.
+#
+# DTYPE (default bfloat16, as every committed run so far) sets the model's dtype. On a CPU without AVX512-BF16
+# (lscpu shows no avx512_bf16) bf16 runs several times slower than float32 there: use DTYPE=float32 with a
+# RUNS of its own (DTYPE=float32 RUNS=runs/fp32 ...), since runs are paired only with runs of the same dtype.
 set -u
 RUNS=${RUNS:-runs}
+DTYPE=${DTYPE:-bfloat16}
+DT=",dtype=$DTYPE"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # more torch threads than cores oversubscribes (see docs)
 LB=longbench_qasper_e,longbench_2wikimqa_e,longbench_multi_news_e,longbench_triviaqa_e,longbench_passage_count_e,longbench_lcc_e
 T3=(copa cb wsc wic winogrande piqa boolq mathqa)
@@ -74,7 +81,7 @@ lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all whe
   local limit=${2:-30} out="$RUNS/lbgen/$1"
   [ "$limit" != 30 ] && out="$RUNS/lbgen$limit/$1"
   [ -d "$out" ] && return
-  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16,truncation=middle,max_length=2048" \
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT},truncation=middle,max_length=2048" \
     --tasks $LB --limit "$limit" --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$out"
 }
 
@@ -83,15 +90,28 @@ table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test 
   local tasks=("$@"); [ ${#tasks[@]} -eq 0 ] && tasks=("${T3[@]}")
   for task in "${tasks[@]}"; do
     [ -d "$RUNS/t3/$name/$task" ] && continue
-    lm_eval --model sdtp --model_args "${ARGS[$name]},dtype=bfloat16" --tasks "$task" --batch_size 16 \
+    lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --tasks "$task" --batch_size 16 \
       --log_samples --use_cache "$RUNS/cache/t3_${name}_$task" --output_path "$RUNS/t3/$name/$task"
+  done
+}
+
+t3report() {  # one paired report per Table 3 task, dense against each named configuration that ran it:
+  # results/table3_$DTYPE/TASK.{json,md,png}, committed as each task finishes (runs/ does not move between
+  # machines); all tasks at once: paired --samples dense='results/table3_float32/*.json:dense' ...
+  local task name samples
+  for task in "${T3[@]}"; do
+    [ -d "$RUNS/t3/dense/$task" ] || continue
+    samples=("dense=$RUNS/t3/dense/$task")
+    for name in "$@"; do [ -d "$RUNS/t3/$name/$task" ] && samples+=("$name=$RUNS/t3/$name/$task"); done
+    [ ${#samples[@]} -gt 1 ] || continue
+    python -m sdtp_eval.retention.paired --metric acc --samples "${samples[@]}" --out "results/table3_$DTYPE/$task"
   done
 }
 
 ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), one length
   local out="$RUNS/ruler$2/$1"
   [ -d "$out" ] && return
-  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" --tasks sdtp_ruler_offline \
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks sdtp_ruler_offline \
     --metadata "{\"max_seq_lengths\":[$2]}" --limit 20 --log_samples --use_cache "$RUNS/cache/ruler$2_$1" \
     --output_path "$out"
 }
@@ -99,27 +119,27 @@ ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), o
 needle() {  # the needle depth sweep at one length (1k, 2k, 4k): the first LIMIT documents (11 depths each)
   local out="$RUNS/needle$2/$1"
   [ -d "$out" ] && return
-  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" --tasks "sdtp_needle_depth_$2" --limit "$3" \
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks "sdtp_needle_depth_$2" --limit "$3" \
     --log_samples --use_cache "$RUNS/cache/needle$2_$1" --output_path "$out"
 }
 
 nll() {  # LongBench answer NLL: first 20 rows of narrativeqa, qasper, hotpotqa_e (46 answers), 2048 tokens
   [ -d "$RUNS/nll/$1" ] && return
-  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" \
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" \
     --tasks longbench_nll_narrativeqa,longbench_nll_qasper,longbench_nll_hotpotqa_e --limit 20 --log_samples \
     --use_cache "$RUNS/cache/nll_$1" --output_path "$RUNS/nll/$1"
 }
 
 nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 11 of multifieldqa_en_e (41 answers)
   [ -d "$RUNS/nllx/$1" ] && return
-  lm_eval --model sdtp --model_args "${ARGS[$1]},dtype=bfloat16" \
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" \
     --tasks longbench_nll_2wikimqa_e,longbench_nll_multifieldqa_en_e --limit 30 --log_samples \
     --use_cache "$RUNS/cache/nllx_$1" --output_path "$RUNS/nllx/$1"
 }
 
 job=${1:-}; shift || true
-if [[ ! "$job" =~ ^(lbgen|table3|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+if [[ ! "$job" =~ ^(lbgen|table3|t3report|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
+  echo "usage: $0 lbgen|table3|t3report|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"
