@@ -85,12 +85,14 @@ lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all whe
     --tasks $LB --limit "$limit" --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$out"
 }
 
-table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test split, as lm-eval scores it)
+table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test split, as lm-eval scores it);
+  # BATCH (default 16) requests at a time: BoolQ's passages at 16 need ~16 GB in float32 (the logits of every
+  # position over the 152K-token vocabulary), so run it with BATCH=4 beside another job
   local name=$1; shift
   local tasks=("$@"); [ ${#tasks[@]} -eq 0 ] && tasks=("${T3[@]}")
   for task in "${tasks[@]}"; do
     [ -d "$RUNS/t3/$name/$task" ] && continue
-    lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --tasks "$task" --batch_size 16 \
+    lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --tasks "$task" --batch_size "${BATCH:-16}" \
       --log_samples --use_cache "$RUNS/cache/t3_${name}_$task" --output_path "$RUNS/t3/$name/$task"
   done
 }
