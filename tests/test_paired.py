@@ -155,3 +155,28 @@ def test_reports_written_one_task_at_a_time_merge_into_one_comparison(tmp_path):
         main(["--metric", "acc", "--samples", f"dense={per_task}/*.json:dense", "--out", str(tmp_path / "x")])
     with pytest.raises(FileNotFoundError, match="no report matches"):
         main(["--metric", "acc", "--samples", f"dense={tmp_path}/none/*.json:dense", "--out", str(tmp_path / "x")])
+
+
+def test_fill_completes_a_policy_run_with_the_reference_values_and_counts_them(tmp_path):
+    """--fill default=dense: a default-policy run of the one document it prunes, completed by dense's values
+    elsewhere (a task it did not run included), gives the hand-computed Δ; the filled documents are counted."""
+    write_samples(tmp_path / "dense", "t", {0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0}, "acc")
+    write_samples(tmp_path / "dense", "u", {0: 1.0, 1: 1.0}, "acc")
+    write_samples(tmp_path / "default", "t", {1: 1.0}, "acc")
+    report = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'dense'}", f"default={tmp_path / 'default'}",
+                   "--fill", "default=dense", "--out", str(tmp_path / "r")])  # fmt: skip
+    assert report["filled"] == {"default": {"from": "dense", "tasks": {"t": 3, "u": 2}}}
+    assert report["tasks"]["t"]["default"]["diff"] == pytest.approx(0.25)  # doc 1: 0 -> 1, docs 0, 2, 3 as dense
+    assert report["tasks"]["u"]["default"]["diff"] == 0.0 and report["tasks"]["u"]["default"]["n"] == 2
+    assert report["tasks"][TASK_MEAN]["default"]["diff"] == pytest.approx(0.125)
+    assert report["documents"]["default"]["t"]["0"] == [1.0, "h0"]
+    assert "Filled: `default` takes `dense`'s value on the documents it did not run: t 3, u 2." in (
+        (tmp_path / "r.md").read_text()
+    )
+    without = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'dense'}", f"default={tmp_path / 'default'}",
+                    "--out", str(tmp_path / "w")])  # fmt: skip
+    assert without["tasks"]["t"]["default"]["n"] == 1 and "default" not in without["tasks"].get("u", {})
+    for bad in ("default=default", "default=nobody", "default"):
+        with pytest.raises(SystemExit):
+            main(["--metric", "acc", "--samples", f"dense={tmp_path / 'dense'}", f"default={tmp_path / 'default'}",
+                  "--fill", bad, "--out", str(tmp_path / "x")])  # fmt: skip

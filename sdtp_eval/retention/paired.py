@@ -24,6 +24,12 @@ lm-eval outputs it came from: ``--samples dense=results/OLD.json`` takes run ``d
 (``LABEL=REPORT.json:RUN`` takes run ``RUN`` under the new label; ``LABEL='DIR/*.json:RUN'`` merges the
 tasks of run ``RUN`` from every report the glob matches, e.g. one report per task written over several
 sessions).
+
+``--fill TARGET=SOURCE`` gives run ``TARGET`` the value of run ``SOURCE`` on every document (and task)
+``TARGET`` did not run. It is for a policy whose result is ``SOURCE``'s by construction outside the
+documents it was run on: the package's default (``min_prompt_tokens=256``) computes shorter prompts with
+dense's code path, so ``--fill default=dense`` completes a default-policy run made only of the tasks that
+have longer prompts. The report counts the filled documents per task (``filled``, and in OUT.md).
 """
 
 from __future__ import annotations
@@ -103,6 +109,23 @@ def _read_reports(pattern: str, run: str, metric: str) -> tuple[Run, dict[str, d
         values |= more
         hashes |= more_hashes
     return values, hashes
+
+
+def fill_missing(read: dict[str, tuple[Run, dict[str, dict[int, str]]]], target: str, source: str) -> dict[str, int]:
+    """Give run ``target`` run ``source``'s value (and doc_hash) on every document it lacks, in place;
+    returns the number filled per task."""
+    values, hashes = read[target]
+    counts: dict[str, int] = {}
+    for task, docs in read[source][0].items():
+        have = values.setdefault(task, {})
+        missing = [d for d in docs if d not in have]
+        for d in missing:
+            have[d] = docs[d]
+            if d in read[source][1].get(task, {}):
+                hashes.setdefault(task, {})[d] = read[source][1][task][d]
+        if missing:
+            counts[task] = len(missing)
+    return counts
 
 
 def check_same_documents(hashes: dict[str, dict[str, dict[int, str]]], reference: str) -> None:
@@ -198,6 +221,12 @@ def format_markdown(report: dict) -> str:
         f"Δ = configuration − {ref} per document, averaged; retention = {retention}. Brackets: 95% bootstrap "
         f"intervals over documents ({report['bootstrap_reps']} resamples, seed 0).",
         "",
+        *[
+            f"Filled: `{target}` takes `{f['from']}`'s value on the documents it did not run: "
+            + ", ".join(f"{task} {n}" for task, n in f["tasks"].items())
+            + ".\n"
+            for target, f in report.get("filled", {}).items()
+        ],
         "| task | run | n | mean | Δ [95% CI] | retention [95% CI] |",
         "|---|---|---:|---:|---|---|",
     ]
@@ -255,6 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--metric", required=True, help="per-sample metric key, e.g. acc, exact_match, nll_per_token")
     parser.add_argument("--lower-is-better", action="store_true")
     parser.add_argument("--reference", help="label of the reference run (default: the first)")
+    parser.add_argument(
+        "--fill",
+        nargs="+",
+        default=[],
+        metavar="TARGET=SOURCE",
+        help="documents and tasks run TARGET lacks take run SOURCE's values (e.g. default=dense: the default "
+        "policy computes prompts under min_prompt_tokens as dense does); counted in the report",
+    )
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
     args = parser.parse_args(argv)
@@ -266,8 +303,14 @@ def main(argv: list[str] | None = None) -> dict:
     if reference not in labels:
         parser.error(f"--reference {reference!r} is not one of {labels}")
     read = {label: read_samples(path, args.metric, label) for label, path in sources}
-    runs = {label: values for label, (values, _) in read.items()}
     check_same_documents({label: hashes for label, (_, hashes) in read.items()}, reference)
+    filled = {}
+    for spec in args.fill:
+        target, _, source = spec.partition("=")
+        if target not in labels or source not in labels or target == source:
+            parser.error(f"--fill {spec!r}: expected TARGET=SOURCE, two different labels of {labels}")
+        filled[target] = {"from": source, "tasks": fill_missing(read, target, source)}
+    runs = {label: values for label, (values, _) in read.items()}
     report = {
         "command": "python -m sdtp_eval.retention.paired " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "metric": args.metric,
@@ -275,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reference": reference,
         "runs": labels,
         "bootstrap_reps": args.bootstrap,
+        **({"filled": filled} if filled else {}),
         "tasks": compare(runs, reference, args.lower_is_better, args.bootstrap),
         "documents": {
             label: {
