@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import offline_env
 
 from sdtp_eval.model import middle_truncate
@@ -456,3 +457,30 @@ def test_default_policy_runs_short_prompts_dense_and_prunes_long_ones(tiny_hf_di
     assert default[1][0] != pytest.approx(dense[1][0], abs=1e-3)  # long: pruned
     assert forced[0][0] != pytest.approx(dense[0][0], abs=1e-3)  # forced: short pruned too
     assert forced[1][0] == pytest.approx(default[1][0], abs=1e-4)
+
+
+def test_dense_loglikelihood_runs_the_lm_head_on_continuation_slots_only(tiny_hf_dir):
+    """prune=false: the LM head sees only the continuation slots of the batch, and the log-likelihoods equal
+    a full forward computed by hand (every slot through the head)."""
+    from lm_eval.api.instance import Instance
+
+    from sdtp_eval.model import SDTPLM
+
+    pairs = [("the cat sat on a mat and looked at the dog near the door", " and slept"), ("a dog ran", " home")]
+    requests = [Instance("loglikelihood", {}, pair, i, ("copa", i, 1)) for i, pair in enumerate(pairs)]
+    lm = SDTPLM(pretrained=str(tiny_hf_dir), prune="false", dtype="float32", batch_size=2)
+    head_slots = []
+    hook = lm.model.lm_head.register_forward_hook(lambda module, args, out: head_slots.append(args[0].shape[1]))
+    try:
+        got = lm.loglikelihood(requests)
+    finally:
+        hook.remove()
+    for (ctx, cont), (ll, _) in zip(pairs, got):
+        ctx_ids, whole = lm.tok_encode(ctx), lm.tok_encode(ctx + cont)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(lm.model(torch.tensor([whole[:-1]])).logits[0].float(), -1)
+        cont_ids = whole[len(ctx_ids) :]
+        expected = sum(logprobs[len(ctx_ids) - 1 + i, t].item() for i, t in enumerate(cont_ids))
+        assert ll == pytest.approx(expected, abs=1e-4)
+    longest = max(len(lm.tok_encode(c + x)) - 1 for c, x in pairs)
+    assert len(head_slots) == 1 and head_slots[0] < longest  # one batch; far fewer slots than its width
