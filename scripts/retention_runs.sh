@@ -22,12 +22,16 @@
 # every prompt (min_prompt_tokens=0). snapkv, streaming_llm, h2o (kvpress's ObservedAttentionPress, eager
 # attention), knorm, tova: a kvpress press alone (no pruning) removing 35% of every layer's KV entries,
 # SDTP's KV budget at 1/tau 1.53 (the paper's Table 1 peers; generation tasks only, in the peers
-# environment: docs/peers.md). sdtp_low: the attention scorer at the milder keep ratio 0.95 per stage.
+# environment: docs/peers.md). sdtp_low: the attention scorer at the milder keep ratio 0.95 per stage;
+# keep85, keep925: at 0.85 and 0.925 (with attention at 0.9 and sdtp_low, a keep-ratio sweep).
 # sdtp_snapkv, sdtp_streaming_llm: SDTP's pruned prefill, then the press removing half of each layer's
 # remaining entries (the paper's Table 6; peers environment). saliency: the answer-aware oracle (SDTP's Stage 1 target
 # computed from the gold answer; analysis only, loglikelihood jobs: nll). Run two at a time on two cores (one
 # torch thread each). llmlingua: LLMLingua v1 with the embedded model as its small LM keeping 65% of each
 # generation prompt (SDTP's 1/tau 1.53), no pruning (peers environment; generation tasks only).
+#
+# Safe to edit while a job runs: the last line holds the dispatch and its exit, so bash reads nothing of
+# the file after a job returns.
 #
 # Resumable: every request is cached (--use_cache), so a killed lane picks up where it stopped, and a
 # configuration whose output directory exists is skipped. Outputs go to $RUNS (default runs/, ignored by
@@ -67,6 +71,8 @@ declare -A ARGS=(
   [knorm]="prune=false,press=knorm,press_ratio=0.35"
   [tova]="prune=false,press=tova,press_ratio=0.35"
   [sdtp_low]="pruner=attention,keep_ratio=0.95,min_prompt_tokens=0"
+  [keep85]="pruner=attention,keep_ratio=0.85,min_prompt_tokens=0"
+  [keep925]="pruner=attention,keep_ratio=0.925,min_prompt_tokens=0"
   [sdtp_snapkv]="pruner=attention,min_prompt_tokens=0,press=snapkv,press_ratio=0.5"
   [sdtp_streaming_llm]="pruner=attention,min_prompt_tokens=0,press=streaming_llm,press_ratio=0.5"
   [random]="pruner=random,min_prompt_tokens=0"
@@ -141,7 +147,7 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|t3report|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|t3report|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|t3report|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
-"$job" "$@"
+"$job" "$@"; exit $?
