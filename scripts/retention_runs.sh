@@ -5,6 +5,7 @@
 #   bash scripts/retention_runs.sh lbgen llmlingua 10 # the same, first 10 rows of each task (into lbgen10/)
 #   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
 #   bash scripts/retention_runs.sh t3report attention default  # per-task reports of the Table 3 runs so far
+#   bash scripts/retention_runs.sh t3long default     # the Table 3 documents whose prompts the default prunes
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #   bash scripts/retention_runs.sh needle dense 2k 55 # the needle depth sweep, first 55 documents (5 per depth)
 #   bash scripts/retention_runs.sh nll dense          # LongBench answer NLL, 46 answers at 2048 tokens
@@ -116,6 +117,17 @@ t3report() {  # one paired report per Table 3 task, dense against each named con
   done
 }
 
+t3long() {  # one configuration on just the Table 3 documents with an input of at least min_prompt_tokens
+  # (256) tokens, the only ones the default policy prunes (CB 2, BoolQ 230): `paired --fill default=dense`
+  # completes the default column with dense's values (results/retention.md)
+  local name=$1 docs="$RUNS/t3_long_docs.json"
+  [ -d "$RUNS/t3long/$name" ] && return
+  [ -f "$docs" ] || python -m sdtp_eval.retention.long_prompts --tasks "${T3[@]}" --out "$docs" || return
+  lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --batch_size "${BATCH:-4}" \
+    --tasks "$(python -c 'import json, sys; print(",".join(json.load(open(sys.argv[1]))))' "$docs")" \
+    --samples "$docs" --log_samples --use_cache "$RUNS/cache/t3long_$name" --output_path "$RUNS/t3long/$name"
+}
+
 ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), one length
   local out="$RUNS/ruler$2/$1"
   [ -d "$out" ] && return
@@ -146,8 +158,8 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 }
 
 job=${1:-}; shift || true
-if [[ ! "$job" =~ ^(lbgen|table3|t3report|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|t3report|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+if [[ ! "$job" =~ ^(lbgen|table3|t3report|t3long|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
+  echo "usage: $0 lbgen|table3|t3report|t3long|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"; exit $?

@@ -282,3 +282,26 @@ def test_winogrande_probe_splits_like_lm_eval_and_finds_the_option(tiny_hf_dir):
     assert tokenizer.decode(context) == "The trophy doesn't fit into the brown suitcase because the trophy"
     assert tokenizer.decode(continuation) == " is too large."
     assert tokenizer.decode([context[i] for i in option]) == " trophy" and option.stop == len(context)
+
+
+def test_long_prompt_documents_are_the_ones_the_default_policy_prunes(tiny_hf_dir, hf_datasets_cache, tmp_path):
+    """The COPA documents listed for --min-tokens 15 are exactly those the sdtp model prunes at
+    min_prompt_tokens=15 (its own per-request records), and lm_eval --samples runs just them."""
+    from test_lm_eval_model import offline_env, run_lm_eval_raw
+
+    listed = tmp_path / "long.json"
+    subprocess.run(
+        [sys.executable, "-m", "sdtp_eval.retention.long_prompts", "--tasks", "copa", "--min-tokens", "15",
+         "--pretrained", str(tiny_hf_dir), "--out", str(listed)],
+        env=offline_env(hf_datasets_cache), check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    docs = json.loads(listed.read_text())["copa"]
+    assert 0 < len(docs) < 100
+    policy = f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,min_prompt_tokens=15,dtype=float32"
+    run_lm_eval(["--model", "sdtp", "--model_args", policy, "--tasks", "copa"], hf_datasets_cache, tmp_path / "all")
+    pruned = {r["doc_id"] for r in samples(tmp_path / "all", "copa") if any(x["compression"] > 1 for x in r["sdtp"])}
+    assert sorted(pruned) == docs
+    out = tmp_path / "some"
+    run_lm_eval_raw(["--model", "sdtp", "--model_args", policy, "--tasks", "copa", "--samples", str(listed),
+                     "--log_samples", "--output_path", str(out)], hf_datasets_cache)  # fmt: skip
+    assert sorted(r["doc_id"] for r in samples(out, "copa")) == docs
