@@ -27,9 +27,10 @@ sessions).
 
 ``--fill TARGET=SOURCE`` gives run ``TARGET`` the value of run ``SOURCE`` on every document (and task)
 ``TARGET`` did not run. It is for a policy whose result is ``SOURCE``'s by construction outside the
-documents it was run on: the package's default (``min_prompt_tokens=256``) computes shorter prompts with
-dense's code path, so ``--fill default=dense`` completes a default-policy run made only of the tasks that
-have longer prompts. The report counts the filled documents per task (``filled``, and in OUT.md).
+documents it was run on: the package's default (``min_prompt_tokens=256``) computes shorter prompts
+unpruned, so ``--fill default=dense`` completes a default-policy run of only the documents with longer
+prompts (listed by :mod:`sdtp_eval.retention.long_prompts`). The report counts the filled documents per
+task (``filled``, and in OUT.md).
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="TARGET=SOURCE",
         help="documents and tasks run TARGET lacks take run SOURCE's values (e.g. default=dense: the default "
-        "policy computes prompts under min_prompt_tokens as dense does); counted in the report",
+        "policy computes prompts under min_prompt_tokens unpruned); counted in the report",
     )
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
