@@ -28,6 +28,7 @@ LLMLingua v1 before the model reads them: :mod:`sdtp_eval.peers.llmlingua_compre
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from collections import Counter, defaultdict
@@ -523,12 +524,17 @@ class SDTPLM(HFLM):
                     records[key].extend(value)
         self.stats, self.sample_records = merged, records
 
-    def annotate_samples(self, samples: dict[str, list[dict]]) -> None:
+    def annotate_samples(self, samples: dict[str, list[dict]], selected: dict[str, list[int]] | None = None) -> None:
         """Add ``sdtp`` (one record per request of the sample: prompt tokens, tokens kept after each stage,
-        1/τ) to every logged sample whose requests this model ran (cached requests were not run)."""
+        1/τ) to every logged sample whose requests this model ran (cached requests were not run).
+
+        ``selected``: lm-eval's ``--samples`` ({task: sorted doc indices}); a request of such a task carries
+        its document's position in that list as its doc_id, while the logged sample carries the index."""
         for task, rows in samples.items():
+            position = {doc: k for k, doc in enumerate((selected or {}).get(task) or [])}
             for sample in rows:
-                found = self.sample_records.get((task, sample.get("doc_id")))
+                doc_id = sample.get("doc_id")
+                found = self.sample_records.get((task, position.get(doc_id, doc_id) if position else doc_id))
                 if found:
                     # one record per request, in request order, merging what each stage logged (compression,
                     # pruning); duplicates (data-parallel padding) collapse
@@ -635,13 +641,15 @@ def _keys_by(requests, key) -> dict:
 def _annotating(evaluate):
     """Wrap lm-eval's ``evaluate`` so logged samples of an ``sdtp`` run carry their pruning records."""
 
+    signature = inspect.signature(evaluate)
+
     @functools.wraps(evaluate)
     def wrapper(*args, **kwargs):
         results = evaluate(*args, **kwargs)
-        lm = kwargs.get("lm", args[0] if args else None)
-        lm = getattr(lm, "lm", lm)  # CachingLM (--use_cache) wraps the model
+        call = signature.bind_partial(*args, **kwargs).arguments
+        lm = getattr(call.get("lm"), "lm", call.get("lm"))  # CachingLM (--use_cache) wraps the model
         if isinstance(lm, SDTPLM) and isinstance(results, dict) and results.get("samples"):
-            lm.annotate_samples(results["samples"])
+            lm.annotate_samples(results["samples"], call.get("samples"))
         return results
 
     wrapper._sdtp_annotating = True

@@ -299,9 +299,13 @@ def test_long_prompt_documents_are_the_ones_the_default_policy_prunes(tiny_hf_di
     assert 0 < len(docs) < 100
     policy = f"pretrained={tiny_hf_dir},pruner=random,layers=1:3,min_prompt_tokens=15,dtype=float32"
     run_lm_eval(["--model", "sdtp", "--model_args", policy, "--tasks", "copa"], hf_datasets_cache, tmp_path / "all")
-    pruned = {r["doc_id"] for r in samples(tmp_path / "all", "copa") if any(x["compression"] > 1 for x in r["sdtp"])}
-    assert sorted(pruned) == docs
+    everything = {r["doc_id"]: r for r in samples(tmp_path / "all", "copa")}
+    assert sorted(d for d, r in everything.items() if any(x["compression"] > 1 for x in r["sdtp"])) == docs
     out = tmp_path / "some"
     run_lm_eval_raw(["--model", "sdtp", "--model_args", policy, "--tasks", "copa", "--samples", str(listed),
                      "--log_samples", "--output_path", str(out)], hf_datasets_cache)  # fmt: skip
-    assert sorted(r["doc_id"] for r in samples(out, "copa")) == docs
+    some = samples(out, "copa")
+    assert sorted(r["doc_id"] for r in some) == docs
+    # each logged sample carries its own document's pruning records (lm-eval numbers a --samples run's
+    # requests by position in the list, its logged samples by document index)
+    assert all(r["sdtp"] == everything[r["doc_id"]]["sdtp"] for r in some)
