@@ -266,15 +266,20 @@ class SDTPLM(HFLM):
         # (The last token of each continuation is kept too: pruner=saliency needs the whole answer.)
         self._scoring = {}
         for key, context_enc, continuation_enc in requests:
-            whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
-            inp = tuple(whole[:-1])
+            inp = self.model_input(context_enc, continuation_enc)
+            final = (context_enc + continuation_enc)[-1]
             contlen, keys, last = self._scoring.get(inp, (0, [], set()))
-            entry = (max(contlen, len(continuation_enc)), keys + self._request_keys.get(key, []), last | {whole[-1]})
+            entry = (max(contlen, len(continuation_enc)), keys + self._request_keys.get(key, []), last | {final})
             self._scoring[inp] = entry
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
             self._scoring = {}
+
+    def model_input(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[int, ...]:
+        """The tokens the model reads for one loglikelihood request, as HFLM builds them: context +
+        continuation less its last token, cut on the left to ``max_length``."""
+        return tuple((context_enc + continuation_enc)[-(self.max_length + 1) : -1])
 
     def _detect_batch_size(self, requests=None, pos: int = 0):
         # HFLM probes batch sizes with made-up inputs: run them dense (a pruned batch needs less memory).
@@ -533,8 +538,7 @@ class SDTPLM(HFLM):
         for task, rows in samples.items():
             position = {doc: k for k, doc in enumerate((selected or {}).get(task) or [])}
             for sample in rows:
-                doc_id = sample.get("doc_id")
-                found = self.sample_records.get((task, position.get(doc_id, doc_id) if position else doc_id))
+                found = self.sample_records.get((task, position.get(sample.get("doc_id"), sample.get("doc_id"))))
                 if found:
                     # one record per request, in request order, merging what each stage logged (compression,
                     # pruning); duplicates (data-parallel padding) collapse

@@ -9,8 +9,7 @@ run's cost (BoolQ: 230 of 3,270 documents)::
     lm_eval --model sdtp --tasks boolq,cb --samples runs/long_docs.json --log_samples ...
 
 Inputs are measured as the ``sdtp`` model builds them: lm-eval's own requests for each task (its prompts,
-0-shot), encoded by HFLM's ``_encode_pair`` with the model's tokenizer, context + continuation less its
-last token, cut to the model's max length.
+0-shot), encoded by HFLM's ``_encode_pair`` with the model's tokenizer, then ``SDTPLM.model_input``.
 """
 
 from __future__ import annotations
@@ -21,22 +20,21 @@ from pathlib import Path
 
 
 def input_lengths(lm, task_names: list[str]) -> dict[str, dict[int, int]]:
-    """``{task: {doc_id: longest model input over the document's loglikelihood requests}}`` for ``lm`` (an
-    lm-eval HFLM, e.g. the ``sdtp`` model)."""
+    """``{task: {doc_id: longest model input over the document's loglikelihood requests}}`` for ``lm``, the
+    ``sdtp`` model (its ``model_input``, the input its pruning decides on)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     tasks = get_task_dict(task_names, TaskManager())
     lengths: dict[str, dict[int, int]] = {}
     for name in task_names:
         task = tasks[name]
-        if task.OUTPUT_TYPE != "multiple_choice" and task.OUTPUT_TYPE != "loglikelihood":
+        if task.OUTPUT_TYPE not in ("multiple_choice", "loglikelihood"):
             raise ValueError(f"{name} is a {task.OUTPUT_TYPE} task; this measures loglikelihood inputs only")
         task.build_all_requests()
         longest = lengths.setdefault(name, {})
         for instance in task.instances:
             context, continuation = instance.args
-            context_enc, continuation_enc = lm._encode_pair(context, continuation)
-            n = min(len(context_enc) + len(continuation_enc), lm.max_length + 1) - 1
+            n = len(lm.model_input(*lm._encode_pair(context, continuation)))
             longest[instance.doc_id] = max(n, longest.get(instance.doc_id, 0))
     return lengths
 
