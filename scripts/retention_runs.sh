@@ -6,6 +6,8 @@
 #   bash scripts/retention_runs.sh table3 dense copa  # one Table 3 task (all eight without a task)
 #   bash scripts/retention_runs.sh t3report attention default  # per-task reports of the Table 3 runs so far
 #   bash scripts/retention_runs.sh t3long default     # the Table 3 documents whose prompts the default prunes
+#   bash scripts/retention_runs.sh t3part dense mathqa 0 500   # a chunk of a long Table 3 task: documents 0-499
+#   bash scripts/retention_runs.sh t3partreport attention mathqa 0   # its report, dense vs attention
 #   bash scripts/retention_runs.sh ruler dense 2048   # the offline RULER group at one length, 20 rows a task
 #   bash scripts/retention_runs.sh needle dense 2k 55 # the needle depth sweep, first 55 documents (5 per depth)
 #   bash scripts/retention_runs.sh nll dense          # LongBench answer NLL, 46 answers at 2048 tokens
@@ -128,6 +130,36 @@ t3long() {  # one configuration on just the Table 3 documents with an input of a
     --samples "$docs" --log_samples --use_cache "$RUNS/cache/t3long_$name" --output_path "$RUNS/t3long/$name"
 }
 
+t3part() {  # documents FIRST .. FIRST+COUNT-1 of one Table 3 task (the last chunk is cut to the task's size):
+  # MathQA's 2,985 documents take 2-3 h of one core per configuration, more than a session spares, so it runs
+  # in chunks (e.g. 500) whose reports are committed one by one (t3partreport) and survive a lost runs/
+  local name=$1 task=$2 first=$3 count=$4
+  local docs="$RUNS/t3part/${task}_${first}_$count.json" out="$RUNS/t3part/$name/${task}_$first"
+  [ -d "$out" ] && return
+  mkdir -p "$RUNS/t3part"
+  [ -f "$docs" ] || python -c '
+import json, sys
+from lm_eval.tasks import TaskManager
+task, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+n = len(TaskManager().load([task])["tasks"][task].eval_docs)
+if first >= n:
+    sys.exit(f"{task} has {n} documents: nothing from {first}")
+json.dump({task: list(range(first, min(first + count, n)))}, open(sys.argv[4], "w"))
+' "$task" "$first" "$count" "$docs" || return
+  lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --tasks "$task" --batch_size "${BATCH:-16}" \
+    --samples "$docs" --log_samples --use_cache "$RUNS/cache/t3_${name}_$task" --output_path "$out"
+}
+
+t3partreport() {  # the paired report of one chunk, dense against CONFIG (both must have run it):
+  # results/table3_$DTYPE/TASK_FIRST (zero-padded), which the all-task glob merges by document
+  local name=$1 task=$2 first=$3 run
+  for run in dense "$name"; do
+    [ -d "$RUNS/t3part/$run/${task}_$first" ] || { echo "no $run run of ${task}_$first" >&2; return 1; }
+  done
+  python -m sdtp_eval.retention.paired --metric acc --samples "dense=$RUNS/t3part/dense/${task}_$first" \
+    "$name=$RUNS/t3part/$name/${task}_$first" --out "results/table3_$DTYPE/${task}_$(printf %04d "$first")"
+}
+
 ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), one length
   local out="$RUNS/ruler$2/$1"
   [ -d "$out" ] && return
@@ -158,8 +190,8 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 }
 
 job=${1:-}; shift || true
-if [[ ! "$job" =~ ^(lbgen|table3|t3report|t3long|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|t3report|t3long|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | ruler length | needle 1k|2k|4k limit]" >&2
+if [[ ! "$job" =~ ^(lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
+  echo "usage: $0 lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | t3part task first count | t3partreport task first | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"; exit $?

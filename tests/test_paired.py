@@ -135,7 +135,7 @@ def test_documents_that_differ_under_the_same_doc_id_are_refused(tmp_path):
 
 def test_reports_written_one_task_at_a_time_merge_into_one_comparison(tmp_path):
     """Per-task reports (written over several sessions) read through a glob give the statistics of the
-    runs read together; a task in two of the reports is refused."""
+    runs read together; a document in two of the reports is refused."""
     for task, dense, pruned in [("t", {0: 1.0, 1: 0.0, 2: 1.0}, {0: 0.0, 1: 0.0, 2: 1.0}), ("u", {0: 1.0}, {0: 1.0})]:
         write_samples(tmp_path / "dense", task, dense, "acc")
         write_samples(tmp_path / "pruned", task, pruned, "acc")
@@ -151,10 +151,29 @@ def test_reports_written_one_task_at_a_time_merge_into_one_comparison(tmp_path):
     assert merged["tasks"] == together["tasks"] and merged["tasks"]["task mean"]["pruned"]["n"] == 4
     per_task = tmp_path / "per_task"
     main(["--metric", "acc", "--samples", f"dense={tmp_path / 't' / 'dense'}", "--out", str(per_task / "t2")])
-    with pytest.raises(ValueError, match="repeats tasks \\['t'\\]"):
+    with pytest.raises(ValueError, match="repeats documents \\[0, 1, 2\\] of task 't'"):
         main(["--metric", "acc", "--samples", f"dense={per_task}/*.json:dense", "--out", str(tmp_path / "x")])
     with pytest.raises(FileNotFoundError, match="no report matches"):
         main(["--metric", "acc", "--samples", f"dense={tmp_path}/none/*.json:dense", "--out", str(tmp_path / "x")])
+
+
+def test_reports_of_chunks_of_one_task_merge_by_document(tmp_path):
+    """A long task run in chunks of documents (one report per chunk, over several sessions) gives the
+    statistics of the whole run read at once."""
+    dense = {0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0, 4: 0.0}
+    pruned = {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    write_samples(tmp_path / "dense", "t", dense, "acc")
+    write_samples(tmp_path / "pruned", "t", pruned, "acc")
+    for first, ids in [(0, [0, 1]), (2, [2, 3, 4])]:
+        write_samples(tmp_path / f"d{first}", "t", {d: dense[d] for d in ids}, "acc")
+        write_samples(tmp_path / f"p{first}", "t", {d: pruned[d] for d in ids}, "acc")
+        main(["--metric", "acc", "--samples", f"dense={tmp_path / f'd{first}'}", f"pruned={tmp_path / f'p{first}'}",
+              "--out", str(tmp_path / "chunks" / f"t_{first}")])  # fmt: skip
+    whole = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'dense'}", f"pruned={tmp_path / 'pruned'}",
+                  "--out", str(tmp_path / "whole")])  # fmt: skip
+    merged = main(["--metric", "acc", "--samples", f"dense={tmp_path / 'chunks'}/*.json:dense",
+                   f"pruned={tmp_path / 'chunks'}/*.json:pruned", "--out", str(tmp_path / "merged")])  # fmt: skip
+    assert merged["tasks"] == whole["tasks"] and merged["tasks"]["t"]["pruned"]["n"] == 5
 
 
 def test_fill_completes_a_policy_run_with_the_reference_values_and_counts_them(tmp_path):

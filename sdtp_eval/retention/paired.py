@@ -95,8 +95,9 @@ def _read_report(path: Path, run: str | None, metric: str) -> tuple[Run, dict[st
 
 
 def _read_reports(pattern: str, run: str, metric: str) -> tuple[Run, dict[str, dict[int, str]]]:
-    """Run ``run`` of every report matching the glob ``pattern`` (e.g. one report per task, written over
-    several sessions), its tasks merged; a task in two reports is refused."""
+    """Run ``run`` of every report matching the glob ``pattern`` (e.g. one report per task, or per chunk of
+    a task's documents, written over several sessions), merged by document; a document in two reports is
+    refused."""
     paths = [Path(p) for p in sorted(glob.glob(pattern))]
     if not paths:
         raise FileNotFoundError(f"no report matches {pattern}")
@@ -104,11 +105,16 @@ def _read_reports(pattern: str, run: str, metric: str) -> tuple[Run, dict[str, d
     hashes: dict[str, dict[int, str]] = {}
     for path in paths:
         more, more_hashes = _read_report(path, run, metric)
-        twice = sorted(set(more) & set(values))
-        if twice:
-            raise ValueError(f"{path} repeats tasks {twice} of an earlier report matching {pattern}")
-        values |= more
-        hashes |= more_hashes
+        for task, docs in more.items():
+            have = values.setdefault(task, {})
+            twice = sorted(set(docs) & set(have))
+            if twice:
+                raise ValueError(
+                    f"{path} repeats documents {twice[:5]}{' ...' if len(twice) > 5 else ''} of task {task!r} "
+                    f"from an earlier report matching {pattern}"
+                )
+            have |= docs
+            hashes.setdefault(task, {}).update(more_hashes.get(task, {}))
     return values, hashes
 
 
