@@ -267,7 +267,7 @@ class SDTPLM(HFLM):
         self._scoring = {}
         for key, context_enc, continuation_enc in requests:
             inp = self.model_input(context_enc, continuation_enc)
-            final = (context_enc + continuation_enc)[-1]
+            final = (continuation_enc or context_enc)[-1]
             contlen, keys, last = self._scoring.get(inp, (0, [], set()))
             entry = (max(contlen, len(continuation_enc)), keys + self._request_keys.get(key, []), last | {final})
             self._scoring[inp] = entry
@@ -538,7 +538,8 @@ class SDTPLM(HFLM):
         for task, rows in samples.items():
             position = {doc: k for k, doc in enumerate((selected or {}).get(task) or [])}
             for sample in rows:
-                found = self.sample_records.get((task, position.get(sample.get("doc_id"), sample.get("doc_id"))))
+                doc_id = sample.get("doc_id")
+                found = self.sample_records.get((task, position.get(doc_id, doc_id)))
                 if found:
                     # one record per request, in request order, merging what each stage logged (compression,
                     # pruning); duplicates (data-parallel padding) collapse
