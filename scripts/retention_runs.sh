@@ -22,7 +22,8 @@
 # with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
 # its saliency: token-only, token-only on RMS-normalised states, query-conditioned), ctx_fit (the 'fit' stage
 # on long inputs built only from records with a context of their own: --context-only), norm, random; these prune
-# every prompt (min_prompt_tokens=0). snapkv, streaming_llm, h2o (kvpress's ObservedAttentionPress, eager
+# every prompt (min_prompt_tokens=0); union (shipped+attention: a token survives if either the trained pruner or the
+# attention scorer ranks it high, sdtp_core.scorers.RankUnion). snapkv, streaming_llm, h2o (kvpress's ObservedAttentionPress, eager
 # attention), knorm, tova: a kvpress press alone (no pruning) removing 35% of every layer's KV entries,
 # SDTP's KV budget at 1/tau 1.53 (the paper's Table 1 peers; generation tasks only, in the peers
 # environment: docs/peers.md). sdtp_low: the attention scorer at the milder keep ratio 0.95 per stage;
@@ -79,6 +80,7 @@ declare -A ARGS=(
   [sdtp_snapkv]="pruner=attention,min_prompt_tokens=0,press=snapkv,press_ratio=0.5"
   [sdtp_streaming_llm]="pruner=attention,min_prompt_tokens=0,press=streaming_llm,press_ratio=0.5"
   [random]="pruner=random,min_prompt_tokens=0"
+  [union]="pruner=shipped+attention,min_prompt_tokens=0"
   [saliency]="pruner=saliency,min_prompt_tokens=0"
   [llmlingua]="prune=false,compress=llmlingua,compress_rate=0.65"
 )
@@ -191,7 +193,7 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | t3part task first count | t3partreport task first | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|union|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | t3part task first count | t3partreport task first | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"; exit $?

@@ -11,7 +11,7 @@ from . import fingerprint
 from .embedded import resolve_pretrained
 from .oracle import ORACLE, SaliencyOracle
 from .pruner import TokenPruner
-from .scorers import is_training_free, training_free
+from .scorers import RankUnion, is_training_free, training_free
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -26,6 +26,8 @@ DTYPES = {
 }
 RANDOM_PRUNER = "random"
 SHIPPED_PRUNER = "shipped"
+#: Joins pruner specs into a :class:`~sdtp_core.scorers.RankUnion` (``shipped+attention``).
+UNION = "+"
 #: The scorer used when none is named. Measured on the embedded model (results/retention.md): the
 #: training-free attention scorer kept long-context answer likelihood better than the shipped trained
 #: pruner (paired ΔNLL vs dense +0.10 vs +0.43 nats/token on 46 LongBench answers), so it is the default
@@ -127,7 +129,8 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
     ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens) or ``"norm"`` (training-free
     scorers, :mod:`sdtp_core.scorers`); ``"saliency"`` (the answer-aware oracle of :mod:`sdtp_core.oracle`,
-    analysis only); or ``None``
+    analysis only); ``A+B`` (a :class:`~sdtp_core.scorers.RankUnion`: what either ranks high, e.g.
+    ``shipped+attention``); or ``None``
     (:data:`DEFAULT_PRUNER`, for every model).
     ``layers`` / ``keep_ratio`` override the schedule; with a trained pruner only a keep ratio change
     is allowed (its scorers are tied to their layers).
@@ -136,7 +139,9 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
 
     if spec is None:
         spec = DEFAULT_PRUNER
-    elif spec == SHIPPED_PRUNER:
+    if UNION in spec:
+        return _load_union(spec, model, layers, keep_ratio)
+    if spec == SHIPPED_PRUNER:
         spec = str(_shipped_for_shape(model))
     kwargs = {} if keep_ratio is None else {"r": keep_ratio}
     if spec == RANDOM_PRUNER:
@@ -168,6 +173,34 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     pruner.config.check_model(model.config)
     pruner.source = str(spec)
     return pruner
+
+
+def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | None) -> RankUnion:
+    """``A+B[+...]``: a :class:`~sdtp_core.scorers.RankUnion` of the named pruners at one schedule. Without
+    ``layers``, the first trained pruner named fixes the schedule (its scorers are tied to their layers) and
+    the training-free scorers take it."""
+    specs = spec.split(UNION)
+    if len(specs) < 2 or not all(specs):
+        raise ValueError(f"a union of pruners is written A+B (e.g. shipped+attention), got {spec!r}")
+    trained = [s for s in specs if not (is_training_free(s) or s in (RANDOM_PRUNER, ORACLE))]
+    schedule = None
+    if layers is None and trained:
+        schedule = load_pruner(trained[0], model, keep_ratio=keep_ratio).config
+        layers = schedule.layers
+    parts = []
+    for s in specs:
+        if schedule is not None and is_training_free(s):
+            part = training_free(s, schedule)
+            part.source = s
+        else:
+            part = load_pruner(s, model, layers, keep_ratio)
+        parts.append(part)
+    schedules = {(tuple(p.config.layers), tuple(round(r, 9) for r in p.config.keep_ratios)) for p in parts}
+    if len(schedules) > 1:
+        raise ValueError(f"the pruners of {spec!r} have different schedules (layers, keep ratios): {sorted(schedules)}")
+    union = RankUnion(parts, parts[0].config)
+    union.source = UNION.join(p.source for p in parts)
+    return union
 
 
 def _shipped_for_shape(model) -> Path:

@@ -13,6 +13,10 @@ must beat:
   whole: a 7-digit number is 7 tokens, and dropping any one of them loses it.
 
 (``random``, an untrained seeded scorer MLP, is built by :meth:`TokenPruner.for_model`.)
+
+:class:`RankUnion` combines scorers (``pruner=shipped+attention``): a token survives if any of them
+ranks it high. Measured motivation (results/retention.md): the trained pruner leads on LongBench
+generation and the attention scorer on retrieval (RULER, needles).
 """
 
 from __future__ import annotations
@@ -92,6 +96,41 @@ class AttentionScorer(nn.Module):
             scores = F.max_pool1d(scores[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0]
             scores = scores.masked_fill(~valid, 0.0)
         return scores
+
+
+def rank_fractions(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, k) each live slot's rank among its row's live slots, scaled to [0, 1] (1 = highest score).
+
+    Ties are broken by slot (the earlier slot ranks lower); padding slots get 0; NaN scores count as 0.
+    """
+    key = torch.nan_to_num(scores.float(), nan=0.0)
+    if valid is None:
+        valid = torch.ones_like(key, dtype=torch.bool)
+    key = key.masked_fill(~valid, float("-inf"))
+    rank = key.argsort(dim=1, stable=True).argsort(dim=1)  # padding (-inf) takes the lowest ranks
+    n_pad = (~valid).sum(1, keepdim=True)
+    n_live = valid.sum(1, keepdim=True)
+    return ((rank - n_pad).float() / (n_live - 1).clamp(min=1)).masked_fill(~valid, 0.0)
+
+
+class RankUnion(nn.Module):
+    """Keeps what any of ``scorers`` ranks high: a token's score is the highest of its rank fractions
+    (:func:`rank_fractions`) under each scorer. With two unrelated scorers a stage keeping ``k`` tokens
+    keeps roughly each one's top ``k / 2`` (more of each where they agree). All scorers must share one
+    schedule (``config``)."""
+
+    def __init__(self, scorers: list[nn.Module], config: PrunerConfig):
+        super().__init__()
+        if len(scorers) < 2:
+            raise ValueError(f"a union needs at least two scorers, got {len(scorers)}")
+        self.parts = nn.ModuleList(scorers)
+        self.config = config
+
+    def score(
+        self, stage: int, hidden_states: torch.Tensor, *, valid: torch.Tensor | None = None, **context
+    ) -> torch.Tensor:
+        ranks = [rank_fractions(part.score(stage, hidden_states, valid=valid, **context), valid) for part in self.parts]
+        return torch.stack(ranks).amax(0)
 
 
 def is_training_free(spec: str) -> bool:

@@ -293,6 +293,11 @@ def test_default_scorer_is_attention_random_is_loud_and_shipped_needs_a_matching
     assert lm.pruner_spec == "random" and "UNTRAINED (random) scorers" in caplog.text
     with pytest.raises(ValueError, match="no shipped pruner fits"):
         load_pruner("shipped", lm.model)
+    # a union of scorers, from an lm_eval --model_args string
+    args = f"pretrained={tiny_hf_dir},pruner=attention+norm,layers=1:3,dtype=float32"
+    lm = SDTPLM.create_from_arg_string(args, {"device": "cpu"})
+    assert lm.model.config.hidden_size == 64
+    assert lm.pruner_spec == "attention+norm" and type(lm.pruner_module).__name__ == "RankUnion"
 
 
 def test_startup_hook_failures_warn_once_and_never_raise(caplog):

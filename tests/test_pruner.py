@@ -308,3 +308,67 @@ def test_attention_window_is_chosen_by_name_and_bad_names_fail():
     for bad in ("attention:0", "attention:x", "norm:3", "attention:8:4", "attention:8:0", "attention:8:3:1"):
         with pytest.raises(ValueError, match="window|unknown training-free"):
             load_pruner(bad, model, layers=[1, 3])
+
+
+def test_rank_fractions_rank_live_slots_only():
+    from sdtp_core.scorers import rank_fractions
+
+    scores = torch.tensor([[9.0, 0.3, 0.1, 0.2], [5.0, 1.0, 3.0, 2.0]])
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    got = rank_fractions(scores, valid)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 1.0, 0.0, 0.5], [1.0, 0.0, 2 / 3, 1 / 3]]))
+    # a single live slot, and NaN scores, do not divide by zero or poison the row
+    one = rank_fractions(torch.tensor([[float("nan"), 1.0]]), torch.tensor([[False, True]]))
+    assert one.tolist() == [[0.0, 0.0]]
+
+
+def test_union_keeps_what_either_scorer_ranks_high():
+    """A hand-made case: scorer A favours token 2, scorer B token 7; keeping 2 of 10, each alone keeps only its
+    own favourite and its runner-up, the union keeps both favourites."""
+    from torch import nn
+
+    from sdtp_core.scorers import RankUnion
+    from sdtp_core.selection import select
+
+    class Fixed(nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.values = torch.tensor([values])
+
+        def score(self, stage, hidden_states, **context):
+            return self.values
+
+    a = Fixed([0.1, 0.2, 9.0, 0.3, 0.0, 0.0, 0.5, 0.4, 0.0, 0.0])
+    b = Fixed([0.0, 0.0, 0.2, 0.0, 0.0, 0.3, 0.0, 7.0, 0.1, 0.0])
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    none = torch.zeros_like(valid)
+    keep = torch.tensor([2])
+    assert select(a.score(0, None), valid, none, keep)[0][0].tolist() == [2, 6]
+    assert select(b.score(0, None), valid, none, keep)[0][0].tolist() == [5, 7]
+    union = RankUnion([a, b], config=None)
+    assert select(union.score(0, None, valid=valid), valid, none, keep)[0][0].tolist() == [2, 7]
+
+
+def test_union_is_loaded_by_name_at_one_schedule_and_bad_unions_fail(tmp_path):
+    from sdtp_core.loading import load_pruner
+    from sdtp_core.scorers import AttentionScorer, NormScorer, RankUnion
+
+    model = tiny_model()
+    union = load_pruner("attention+norm", model, layers=[1, 3, 4], keep_ratio=0.7)
+    assert isinstance(union, RankUnion) and union.source == "attention+norm"
+    assert [type(p) for p in union.parts] == [AttentionScorer, NormScorer]
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    reference = load_pruner("random", model, layers=[1, 3, 4], keep_ratio=0.7)
+    out = SDTPEngine(model, union).prefill(ids)
+    assert out.kept_counts.tolist() == SDTPEngine(model, reference).prefill(ids).kept_counts.tolist()
+    # a trained pruner fixes the layers of the training-free scorers beside it
+    trained = tmp_path / "trained"
+    tiny_pruner(model).save_pretrained(trained)
+    mixed = load_pruner(f"norm+{trained}", model)
+    schedule = ([1, 3, 4], [0.7, 0.5, 0.4])
+    assert all((p.config.layers, p.config.keep_ratios) == schedule for p in [mixed, *mixed.parts])
+    with pytest.raises(ValueError, match="different schedules"):  # random's geometric ratios are not the pruner's
+        load_pruner(f"random+{trained}", model)
+    for bad in ("attention+", "+norm", "attention+bogus:1"):
+        with pytest.raises(ValueError, match="A\\+B|unknown training-free|bogus"):
+            load_pruner(bad, model, layers=[1, 3])
