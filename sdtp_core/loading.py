@@ -183,13 +183,16 @@ def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | 
     if len(specs) < 2 or not all(specs):
         raise ValueError(f"a union of pruners is written A+B (e.g. shipped+attention), got {spec!r}")
     trained = [s for s in specs if not (is_training_free(s) or s in (RANDOM_PRUNER, ORACLE))]
-    schedule = None
+    loaded, schedule = {}, None
     if layers is None and trained:
-        schedule = load_pruner(trained[0], model, keep_ratio=keep_ratio).config
+        loaded[trained[0]] = load_pruner(trained[0], model, keep_ratio=keep_ratio)
+        schedule = loaded[trained[0]].config
         layers = schedule.layers
     parts = []
     for s in specs:
-        if schedule is not None and is_training_free(s):
+        if s in loaded:
+            part = loaded.pop(s)
+        elif schedule is not None and is_training_free(s):
             part = training_free(s, schedule)
             part.source = s
         else:
