@@ -64,24 +64,13 @@ def ruler_documents(task: str, length: int, limit: int) -> list[dict]:
     np.random.seed(1234)
     torch.manual_seed(1234)
     loaded = TaskManager(metadata={"max_seq_lengths": [length]}).load(["sdtp_ruler_offline"])
-    tasks = {name.split("::")[-1] if isinstance(name, str) else name: t for name, t in _leaves(loaded)}
+    tasks = loaded["tasks"]  # name -> Task, the group's members
     if task not in tasks:
         raise ValueError(f"{task!r} is not an offline RULER task; use one of {sorted(tasks)}")
     docs = list(tasks[task].eval_docs)[:limit]
-    return [{"prompt": tasks[task].doc_to_text(d) + " " + d["gen_prefix"].strip(), "value": d["outputs"][0]} for d in docs]
-
-
-def _leaves(loaded) -> list[tuple[str, object]]:
-    """(name, task) pairs of a TaskManager.load result, groups flattened."""
-    from lm_eval.api.task import Task
-
-    out = []
-    for key, value in (loaded.get("tasks", loaded) if isinstance(loaded, dict) else loaded).items():
-        if isinstance(value, Task):
-            out.append((getattr(value, "task_name", None) or str(key), value))
-        elif isinstance(value, dict):
-            out.extend(_leaves(value))
-    return out
+    return [
+        {"prompt": tasks[task].doc_to_text(d) + " " + d["gen_prefix"].strip(), "value": d["outputs"][0]} for d in docs
+    ]
 
 
 def unprotected(positions: list[int], n: int, config) -> list[int]:
@@ -142,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = PrunerConfig.for_model(model.config)
     scorers = {spec: training_free(spec, config) for spec in args.scorers}
     report = {
-        "command": "python -m sdtp_eval.retention.ruler_layers " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m sdtp_eval.retention.ruler_layers "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "length": args.length,
         "dtype": args.dtype,
         "default_stage_layers": list(config.layers),
@@ -199,7 +189,8 @@ def format_markdown(report: dict) -> str:
     for task, t in report["tasks"].items():
         skipped = t["skipped_value_in_protected_tail"]
         note = f", {skipped} more with the value in the protected tail left out" if skipped else ""
-        lines += [f"## {task} ({t['documents']} documents{note})", "", f"| scorer | {head} |", "|---|" + "---:|" * n_layers]
+        lines += [f"## {task} ({t['documents']} documents{note})", ""]
+        lines += [f"| scorer | {head} |", "|---|" + "---:|" * n_layers]
         for spec, s in t["scorers"].items():
             cells = [f"{p:.2f} ({k:.1f})" for p, k in zip(s["worst_percentile"], s["in_kept_share"])]
             lines.append(f"| {spec} | " + " | ".join(cells) + " |")
