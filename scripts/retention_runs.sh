@@ -17,7 +17,8 @@
 # tokens dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead
 # of 8), pooled (window 64, scores max-pooled over 31 slots), late_pooled (pooled, with 8 stages from
 # layer 8 at keep 0.835 instead of 10 from layer 4 at 0.9: the same 1/tau 1.53), odd and pooled_odd (attention and
-# pooled at the 10 odd layers 3, 5, ..., 21 instead of 4, 6, ..., 22: one layer earlier each), long (a pruner trained
+# pooled at the 10 odd layers 3, 5, ..., 21 instead of 4, 6, ..., 22: one layer earlier each; pooled_union_odd: there,
+# a token survives if pooled or plain attention ranks it high), long (a pruner trained
 # on long inputs, directory $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh
 # ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
 # with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
@@ -63,6 +64,7 @@ declare -A ARGS=(
   [late_pooled]="pruner=attention:64:31,layers=8:10:12:14:16:18:20:22,keep_ratio=0.835,min_prompt_tokens=0"
   [odd]="pruner=attention,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [pooled_odd]="pruner=attention:64:31,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
+  [pooled_union_odd]="pruner=attention:64:31+attention,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [long]="pruner=${LONG_PRUNER:-$RUNS/train_long/pruner},min_prompt_tokens=0"
   [long_norank]="pruner=$RUNS/train_long_norank/pruner,min_prompt_tokens=0"
   [long_lm_only]="pruner=$RUNS/train_long_lm_only/pruner,min_prompt_tokens=0"
@@ -196,7 +198,7 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|odd|pooled_odd|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|union|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | t3part task first count | t3partreport task first | ruler length | needle 1k|2k|4k limit]" >&2
+  echo "usage: $0 lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|odd|pooled_odd|pooled_union_odd|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|union|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | t3part task first count | t3partreport task first | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"; exit $?
