@@ -94,7 +94,7 @@ def layer_ranks(model, scorers: dict[str, torch.nn.Module], ids: list[int], posi
     embeddings = model.model.rotary_emb(out.hidden_states[0], position_ids)
     valid = torch.ones(1, n, dtype=torch.bool)
     candidates = ~protected_mask(valid, config.keep_first, config.keep_recent)[0]
-    positions = unprotected(positions, n, config)
+    positions = [p for p in positions if candidates[p]]
     if not positions:
         raise ValueError("the gold value sits in the protected tokens")
     ranks = {}
