@@ -6,16 +6,17 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_pruner
 
-from sdtp_eval.retention.ruler_layers import layer_ranks, value_positions, worst_percentile
+from sdtp_eval.retention.needle_survival import needle_positions, percentile
+from sdtp_eval.retention.ruler_layers import ValueInProtectedTail, layer_ranks
 
 
-def test_worst_percentile_is_the_lowest_token_rank():
+def test_the_worst_value_token_rank_is_the_lowest_percentile():
     scores = torch.tensor([9.0, 1.0, 5.0, 3.0, 7.0, 0.0])
     candidates = torch.tensor([False, True, True, True, True, True])  # slot 0 is protected
     # among the 5 candidates: slot 2 (5.0) has 3 below (1, 3, 0), slot 3 (3.0) has 2 below; of 4 others
-    assert worst_percentile(scores, candidates, [2, 3]) == pytest.approx(2 / 4)
-    assert worst_percentile(scores, candidates, [4]) == pytest.approx(1.0)
-    assert worst_percentile(scores, candidates, [5]) == pytest.approx(0.0)
+    assert min(percentile(scores, candidates, p) for p in [2, 3]) == pytest.approx(2 / 4)
+    assert percentile(scores, candidates, 4) == pytest.approx(1.0)
+    assert percentile(scores, candidates, 5) == pytest.approx(0.0)
 
 
 class LayerOneLikesLate(torch.nn.Module):
@@ -53,7 +54,7 @@ def test_layer_ranks_scores_every_layer_at_its_own_input():
 def test_a_value_in_the_protected_tail_is_refused():
     model = tiny_model()
     config = tiny_pruner(model).config
-    with pytest.raises(ValueError, match="protected"):
+    with pytest.raises(ValueInProtectedTail, match="protected"):
         layer_ranks(model, {"p": LayerOneLikesLate(config, model)}, list(range(3, 63)), [58], config)
 
 
@@ -62,11 +63,11 @@ def test_value_positions_cover_the_first_occurrence(embedded_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     text = "noise 1234567 more. One of the numbers for key is: 7654321. Again: 7654321"
-    ids, positions = value_positions(tokenizer, text, "7654321")
+    ids, positions = needle_positions(tokenizer, text, "7654321")
     assert tokenizer.decode([ids[p] for p in positions]).strip() == "7654321"
     assert tokenizer.decode(ids[: positions[0]]).rstrip().endswith("is:")
     with pytest.raises(ValueError, match="does not occur"):
-        value_positions(tokenizer, text, "999")
+        needle_positions(tokenizer, text, "999")
 
 
 def test_only_the_droppable_tokens_of_a_value_are_ranked():

@@ -51,8 +51,10 @@ def recorded_selections():
 
 
 def needle_positions(tokenizer, text: str, answer: str) -> tuple[list[int], list[int]]:
-    """(prompt token ids, positions of the tokens that overlap the passkey's characters)."""
-    start = text.index(answer)
+    """(prompt token ids, positions of the tokens that overlap the first occurrence of ``answer``)."""
+    start = text.find(answer)
+    if start < 0:
+        raise ValueError(f"the gold value {answer!r} does not occur in the prompt")
     end = start + len(answer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     positions = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]

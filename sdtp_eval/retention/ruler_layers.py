@@ -28,31 +28,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .needle_survival import needle_positions, percentile
+
 KEPT_SHARE = 0.9**10
 """The share of the unprotected prompt the default schedule keeps after its last stage (0.349)."""
 
 
-def value_positions(tokenizer, text: str, value: str) -> tuple[list[int], list[int]]:
-    """(prompt token ids, positions of the tokens overlapping the first occurrence of ``value``)."""
-    start = text.find(value)
-    if start < 0:
-        raise ValueError(f"the gold value {value!r} does not occur in the prompt")
-    end = start + len(value)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    positions = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
-    return enc["input_ids"], positions
-
-
-def worst_percentile(scores: torch.Tensor, candidates: torch.Tensor, positions: list[int]) -> float:
-    """The lowest percentile among ``positions``: for each, the share of the other candidates scoring below it."""
-    pool = scores[candidates]
-    others = max(1, int(candidates.sum()) - 1)
-    return min((pool < scores[p]).sum().item() / others for p in positions)
-
-
-def ruler_documents(task: str, length: int, limit: int) -> list[dict]:
-    """The first ``limit`` documents of the offline RULER task ``task`` at ``length`` tokens:
-    ``{"prompt", "value"}``, the prompt as lm-eval sends it (input + generation prefix) and the first gold value."""
+def ruler_documents(tasks: list[str], length: int, limit: int) -> dict[str, list[dict]]:
+    """The first ``limit`` documents of each offline RULER task in ``tasks`` at ``length`` tokens, from one load
+    of the group: ``{"prompt", "value"}``, the prompt as lm-eval sends it (input + generation prefix) and the first
+    gold value."""
     import random
 
     import numpy as np
@@ -64,21 +49,21 @@ def ruler_documents(task: str, length: int, limit: int) -> list[dict]:
     np.random.seed(1234)
     torch.manual_seed(1234)
     loaded = TaskManager(metadata={"max_seq_lengths": [length]}).load(["sdtp_ruler_offline"])
-    tasks = loaded["tasks"]  # name -> Task, the group's members
-    if task not in tasks:
-        raise ValueError(f"{task!r} is not an offline RULER task; use one of {sorted(tasks)}")
-    docs = list(tasks[task].eval_docs)[:limit]
-    return [
-        {"prompt": tasks[task].doc_to_text(d) + " " + d["gen_prefix"].strip(), "value": d["outputs"][0]} for d in docs
-    ]
+    members = loaded["tasks"]  # name -> Task, the group's members
+    unknown = [t for t in tasks if t not in members]
+    if unknown:
+        raise ValueError(f"{unknown} are not offline RULER tasks; use some of {sorted(members)}")
+    return {
+        task: [
+            {"prompt": members[task].doc_to_text(d) + " " + d["gen_prefix"].strip(), "value": d["outputs"][0]}
+            for d in list(members[task].eval_docs)[:limit]
+        ]
+        for task in tasks
+    }
 
 
-def unprotected(positions: list[int], n: int, config) -> list[int]:
-    """The ``positions`` of an ``n``-token prompt that a stage may drop (not among the protected first/last)."""
-    from sdtp_core.selection import protected_mask
-
-    protected = protected_mask(torch.ones(1, n, dtype=torch.bool), config.keep_first, config.keep_recent)[0]
-    return [p for p in positions if not protected[p]]
+class ValueInProtectedTail(ValueError):
+    """The gold value lies wholly in the protected tokens: every schedule keeps it, so there is nothing to rank."""
 
 
 @torch.no_grad()
@@ -87,16 +72,14 @@ def layer_ranks(model, scorers: dict[str, torch.nn.Module], ids: list[int], posi
     (batch 1)."""
     from sdtp_core.selection import protected_mask
 
-    x = torch.tensor([ids])
-    n = x.shape[1]
-    out = model(x, output_hidden_states=True)
-    position_ids = torch.arange(n).unsqueeze(0)
-    embeddings = model.model.rotary_emb(out.hidden_states[0], position_ids)
+    n = len(ids)
     valid = torch.ones(1, n, dtype=torch.bool)
     candidates = ~protected_mask(valid, config.keep_first, config.keep_recent)[0]
     positions = [p for p in positions if candidates[p]]
     if not positions:
-        raise ValueError("the gold value sits in the protected tokens")
+        raise ValueInProtectedTail("the gold value sits in the protected tokens")
+    out = model(torch.tensor([ids]), output_hidden_states=True)
+    embeddings = model.model.rotary_emb(out.hidden_states[0], torch.arange(n).unsqueeze(0))
     ranks = {}
     for name, scorer in scorers.items():
         per_layer = []
@@ -108,7 +91,7 @@ def layer_ranks(model, scorers: dict[str, torch.nn.Module], ids: list[int], posi
                 position_embeddings=embeddings,
                 valid=valid,
             )[0].float()
-            per_layer.append(worst_percentile(scores, candidates, positions))
+            per_layer.append(min(percentile(scores, candidates, p) for p in positions))  # the worst value token
         ranks[name] = per_layer
     return ranks
 
@@ -138,15 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
         "default_stage_layers": list(config.layers),
         "tasks": {},
     }
-    for task in args.tasks:
-        docs = ruler_documents(task, args.length, args.limit)
+    for task, docs in ruler_documents(args.tasks, args.length, args.limit).items():
         rows, protected = [], 0
         for doc in tqdm(docs, desc=task):
-            ids, positions = value_positions(tokenizer, doc["prompt"], doc["value"])
-            if not unprotected(positions, len(ids), config):
-                protected += 1  # the value is in the protected tail: every schedule keeps it, nothing to rank
-                continue
-            rows.append(layer_ranks(model, scorers, ids, positions, config))
+            ids, positions = needle_positions(tokenizer, doc["prompt"], doc["value"])
+            try:
+                rows.append(layer_ranks(model, scorers, ids, positions, config))
+            except ValueInProtectedTail:
+                protected += 1
         report["tasks"][task] = {
             "documents": len(rows),
             "skipped_value_in_protected_tail": protected,
