@@ -37,6 +37,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from sdtp_eval.retention import write_report
 from sdtp_eval.retention.heatmap import parse_source, sample_files
 from sdtp_eval.retention.paired import TASK_MEAN
 
@@ -225,11 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         **({"speed_commands": [s["command"] for s in speeds], "machine": speeds[0].get("machine")} if speeds else {}),
         **build(scores, speeds, length, records),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(format_markdown(report))
-    plot(report, args.out.with_suffix(".png"))
-    print(format_markdown(report))
+    write_report(args.out, report, format_markdown(report), plot)
     return report
 
 

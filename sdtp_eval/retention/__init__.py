@@ -6,7 +6,10 @@ the data generators, metrics and the heatmap command. See ``docs/retention.md``.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 TOKENIZER_KEYS = ("tokenizer", "pretrained", "model")
@@ -32,3 +35,13 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
+
+
+def write_report(out: Path, report: dict, markdown: str, plot: Callable[[dict, Path], None]) -> None:
+    """A report command's outputs: ``OUT.json`` (the report), ``OUT.md`` (``markdown``), ``OUT.png``
+    (``plot(report, path)``); the Markdown is also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown)
+    plot(report, out.with_suffix(".png"))
+    print(markdown)

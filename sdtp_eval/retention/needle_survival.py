@@ -20,7 +20,6 @@ high; the other rows say what the scorers do.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from contextlib import contextmanager
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from . import write_report
 
 
 @contextmanager
@@ -173,12 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             "kept_to_the_end": sum(r[-1]["kept"] == 1.0 for _, r in rows) / len(rows),
             "kept_to_the_end_depth_below_100": sum(r[-1]["kept"] == 1.0 for r in unprotected) / len(unprotected),
         }
-    markdown = format_markdown(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown)
-    plot(report, args.out.with_suffix(".png"))
-    print(markdown)
+    write_report(args.out, report, format_markdown(report), plot)
     return report
 
 

@@ -44,6 +44,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import write_report
 from .heatmap import parse_source, sample_files, task_of
 
 POOLED = "all tasks"
@@ -335,11 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
             for label, values in runs.items()
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(format_markdown(report))
-    plot(report, args.out.with_suffix(".png"))
-    print(format_markdown(report))
+    write_report(args.out, report, format_markdown(report), plot)
     return report
 
 

@@ -20,7 +20,6 @@ pruned run.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import write_report
 from .needle_survival import needle_positions, percentile
 
 KEPT_SHARE = 0.9**10
@@ -143,12 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for spec in args.scorers
             },
         }
-    markdown = format_markdown(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown)
-    plot(report, args.out.with_suffix(".png"))
-    print(markdown)
+    write_report(args.out, report, format_markdown(report), plot)
     return report
 
 
