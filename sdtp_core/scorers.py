@@ -8,9 +8,13 @@ must beat:
 * ``attention``: the attention the most recent tokens pay to each token in the stage layer, averaged
   over heads and over the last ``window`` tokens (as FastV / LazyLLM rank tokens); computed with the
   stage layer's own q/k projections and RoPE on its input, i.e. what that layer would attend to.
-  With ``pool`` > 1 each token then takes the highest score within ``pool // 2`` slots on either side
+  Pooled (``attention:W:P``), each token then takes the highest score within ``P // 2`` slots on either side
   (SnapKV's pooling of attention scores, here a max), so a span the queries attend to anywhere is kept
-  whole: a 7-digit number is 7 tokens, and dropping any one of them loses it.
+  whole: a 7-digit number is 7 tokens, and dropping any one of them loses it. Spread
+  (``attention:W:B:A``), it takes the highest score among the ``B`` slots before it and the ``A`` after it:
+  with ``B`` > ``A`` an attended token keeps what *follows* it. A question names a key, the queries attend to
+  the key where the context states it, and the value comes after the key ("the uuid for KEY is: VALUE"),
+  out of reach of a centred pool when key and value are 30 tokens each.
 
 (``random``, an untrained seeded scorer MLP, is built by :meth:`TokenPruner.for_model`.)
 
@@ -45,17 +49,19 @@ class NormScorer(nn.Module):
 
 class AttentionScorer(nn.Module):
     """Scores each token by the attention it receives from the last ``window`` tokens in the stage layer,
-    max-pooled over ``pool`` neighbouring slots (``pool=1``: no pooling)."""
+    then takes the highest such score among the ``before`` slots before it and the ``after`` slots after it
+    (both 0: no pooling)."""
 
-    def __init__(self, config: PrunerConfig, window: int = 8, pool: int = 1):
+    def __init__(self, config: PrunerConfig, window: int = 8, before: int = 0, after: int = 0):
         super().__init__()
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        if pool < 1 or pool % 2 == 0:
-            raise ValueError(f"pool must be a positive odd number, got {pool}")
+        if before < 0 or after < 0:
+            raise ValueError(f"before and after must be >= 0, got {before} and {after}")
         self.config = config
         self.window = window
-        self.pool = pool
+        self.before = before
+        self.after = after
 
     def score(
         self,
@@ -67,7 +73,7 @@ class AttentionScorer(nn.Module):
         valid: torch.Tensor,
         **context,
     ) -> torch.Tensor:
-        """(batch, k) mean attention probability each slot receives (max-pooled over ``pool`` slots).
+        """(batch, k) mean attention probability each slot receives (the highest over its pooling span).
 
         Slots are right-aligned (see :mod:`sdtp_core.selection`): the last ``window`` slots are the most
         recent tokens, and causal order between slots is causal order between original positions.
@@ -92,10 +98,16 @@ class AttentionScorer(nn.Module):
         live_queries = valid[:, -m:].float()  # (batch, m): a padding query contributes nothing
         per_query = probs.mean(1)  # over heads -> (batch, m, k)
         scores = (per_query * live_queries[:, :, None]).sum(1) / live_queries.sum(1, keepdim=True).clamp(min=1)
-        if self.pool > 1:  # padding slots score 0 and attention is >= 0, so they never win a live slot's max
-            scores = F.max_pool1d(scores[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0]
-            scores = scores.masked_fill(~valid, 0.0)
+        return span_max(scores, valid, self.before, self.after)
+
+
+def span_max(scores: torch.Tensor, valid: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(batch, k) each live slot's highest score among the ``before`` slots before it, itself and the ``after``
+    slots after it; padding slots get 0. ``scores`` must be >= 0 (padding, and the row's ends, count as 0)."""
+    if not (before or after):
         return scores
+    span = F.pad(scores[:, None], (before, after))
+    return F.max_pool1d(span, before + after + 1, stride=1)[:, 0].masked_fill(~valid, 0.0)
 
 
 def rank_fractions(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,29 +146,37 @@ class RankUnion(nn.Module):
 
 
 def is_training_free(spec: str) -> bool:
-    """Whether ``spec`` names a training-free scorer (``norm``, ``attention``, ``attention:W`` or ``attention:W:P``)."""
+    """Whether ``spec`` names a training-free scorer (``norm``, ``attention``, ``attention:W``, ``attention:W:P`` or
+    ``attention:W:B:A``)."""
     return spec.partition(":")[0] in TRAINING_FREE
 
 
 def training_free(spec: str, config: PrunerConfig) -> nn.Module:
     """A training-free scorer by name for the schedule ``config``: ``norm``, ``attention`` (window 8, no
-    pooling), ``attention:W`` (the attention of the last ``W`` tokens) or ``attention:W:P`` (also
-    max-pooled over ``P`` neighbouring slots, ``P`` odd)."""
+    pooling), ``attention:W`` (the attention of the last ``W`` tokens), ``attention:W:P`` (also max-pooled over
+    ``P`` neighbouring slots, ``P`` odd: ``P // 2`` on either side) or ``attention:W:B:A`` (the highest score
+    among ``B`` slots before and ``A`` after)."""
     kind, _, arg = spec.partition(":")
     if kind == "norm" and not arg:
         return NormScorer(config)
     if kind == "attention":
         parts = arg.split(":") if arg else []
         try:
-            if len(parts) > 2:
-                raise ValueError("too many fields")
             values = [int(p) for p in parts]
+            if len(values) == 2:  # attention:W:P, a centred pool
+                window, pool = values
+                if pool < 1 or pool % 2 == 0:
+                    raise ValueError(f"pool must be a positive odd number, got {pool}")
+                values = [window, pool // 2, pool // 2]
+            if len(values) > 3:
+                raise ValueError("too many fields")
             return AttentionScorer(config, *values)
         except ValueError as e:
             raise ValueError(
-                f"attention:W[:P] needs a positive integer window W and a positive odd pool P, got {spec!r} ({e})"
+                f"attention:W[:P] or attention:W:B:A needs a positive integer window W, a positive odd pool P, "
+                f"and spans B, A >= 0; got {spec!r} ({e})"
             ) from e
     raise ValueError(
         f"unknown training-free scorer {spec!r}; use one of {TRAINING_FREE} "
-        "(attention:W[:P] for a query window W and pooling P)"
+        "(attention:W[:P] for a query window W and pooling P, attention:W:B:A for a span B before and A after)"
     )

@@ -246,23 +246,25 @@ def test_attention_scorer_equals_the_layers_own_attention_weights(arch):
     assert got_padded[0, :3].abs().max() == 0
 
 
-def test_pooled_attention_scorer_takes_the_neighbourhood_maximum_and_ignores_padding():
-    """attention:W:P equals the unpooled scores max-pooled by hand over P slots; padding gets 0 and lends nothing."""
+@pytest.mark.parametrize("before,after", [(2, 2), (3, 1), (0, 4)])
+def test_pooled_attention_scorer_takes_the_neighbourhood_maximum_and_ignores_padding(before, after):
+    """attention:W:B:A equals the unpooled scores max-pooled by hand over B slots before and A after; padding
+    gets 0 and lends nothing."""
     from sdtp_core.scorers import AttentionScorer
 
     model = tiny_model(attn="eager")
     layer = model.model.layers[2]
     torch.manual_seed(1)
-    pad, n, window, pool = 3, 15, 4, 5
+    pad, n, window = 3, 15, 4
     hidden = torch.randn(1, pad + n, 64)
     rope = model.model.rotary_emb(hidden, torch.arange(pad + n).unsqueeze(0))
     valid = torch.tensor([[False] * pad + [True] * n])
     kwargs = dict(layer=layer, position_embeddings=rope, valid=valid)
     with torch.no_grad():
         plain = AttentionScorer(None, window=window).score(2, hidden, **kwargs)[0]
-        pooled = AttentionScorer(None, window=window, pool=pool).score(2, hidden, **kwargs)[0]
+        pooled = AttentionScorer(None, window=window, before=before, after=after).score(2, hidden, **kwargs)[0]
     live = plain[pad:]
-    expected = torch.stack([live[max(0, i - pool // 2) : i + pool // 2 + 1].max() for i in range(n)])
+    expected = torch.stack([live[max(0, i - before) : i + after + 1].max() for i in range(n)])
     torch.testing.assert_close(pooled[pad:], expected)
     assert pooled[:pad].abs().max() == 0
     assert bool((pooled[pad:] >= live).all()) and not torch.equal(pooled[pad:], live)
@@ -284,7 +286,24 @@ def test_pooling_keeps_the_span_around_the_attended_token_whole():
     assert 9 in slots[0].tolist() and slots[0].tolist() != [7, 8, 9, 10, 11]
 
 
-@pytest.mark.parametrize("kind", ["attention", "attention:32", "attention:8:31", "norm", "random"])
+def test_spread_keeps_what_follows_the_attended_token():
+    """A hand-made key/value case: the queries attend to a key (slots 4-5); the value is slots 6-9. A centred
+    pool of 5 keeps slots 2-7 and cuts the value; a span of 4 before and 0 after keeps the key and all the value."""
+    from sdtp_core.scorers import span_max
+    from sdtp_core.selection import select
+
+    scores = torch.full((1, 20), 0.01)
+    scores[0, 4:6] = 1.0
+    scores[0, ::3] += 0.001
+    valid = torch.ones(1, 20, dtype=torch.bool)
+    keep = torch.tensor([6])
+    centred, _ = select(span_max(scores, valid, 2, 2), valid, torch.zeros_like(valid), keep)
+    assert centred[0].tolist() == [2, 3, 4, 5, 6, 7]
+    spread, _ = select(span_max(scores, valid, 4, 0), valid, torch.zeros_like(valid), keep)
+    assert spread[0].tolist() == [4, 5, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("kind", ["attention", "attention:32", "attention:8:31", "attention:8:9:2", "norm", "random"])
 def test_training_free_scorers_run_at_the_same_schedule(kind):
     from sdtp_core.loading import load_pruner
 
@@ -304,8 +323,18 @@ def test_attention_window_is_chosen_by_name_and_bad_names_fail():
     assert load_pruner("attention", model, layers=[1, 3]).window == 8
     assert load_pruner("attention:64", model, layers=[1, 3]).window == 64
     scorer = load_pruner("attention:64:31", model, layers=[1, 3])
-    assert (scorer.window, scorer.pool) == (64, 31)
-    for bad in ("attention:0", "attention:x", "norm:3", "attention:8:4", "attention:8:0", "attention:8:3:1"):
+    assert (scorer.window, scorer.before, scorer.after) == (64, 15, 15)
+    scorer = load_pruner("attention:64:63:15", model, layers=[1, 3])
+    assert (scorer.window, scorer.before, scorer.after) == (64, 63, 15)
+    for bad in (
+        "attention:0",
+        "attention:x",
+        "norm:3",
+        "attention:8:4",
+        "attention:8:0",
+        "attention:8:3:1:1",
+        "attention:8:-1:2",
+    ):
         with pytest.raises(ValueError, match="window|unknown training-free"):
             load_pruner(bad, model, layers=[1, 3])
 
