@@ -127,7 +127,8 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     ``spec`` is a pruner directory; ``"shipped"`` (the pruner shipped for this model: an error if none
     fits its architecture, a warning if its weights differ from the model it was trained on);
     ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
-    ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens) or ``"norm"`` (training-free
+    ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens, ``"attention:W:P"`` pooled over ``P``
+    slots, ``"attention:W:B:A"`` over ``B`` slots before and ``A`` after) or ``"norm"`` (training-free
     scorers, :mod:`sdtp_core.scorers`); ``"saliency"`` (the answer-aware oracle of :mod:`sdtp_core.oracle`,
     analysis only); ``A+B`` (a :class:`~sdtp_core.scorers.RankUnion`: what either ranks high, e.g.
     ``shipped+attention``); or ``None``
