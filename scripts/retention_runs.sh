@@ -20,10 +20,9 @@
 # pooled at the 10 odd layers 3, 5, ..., 21 instead of 4, 6, ..., 22: one layer earlier each; pooled_union_odd: there,
 # a token survives if pooled or plain attention ranks it high), spread_odd (attention:64:63:15 at the odd layers: each
 # token takes the highest score of the 63 slots before it and 15 after, so a key the question attends to keeps the value
-# that follows it; spread31_odd: a span of 31 before and 7 after; spread_union_odd: its union with plain attention), late_spread (spread at the 8 odd layers from 7,
-# keep 0.835), long (a pruner trained
-# on long inputs, directory $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh
-# ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
+# that follows it; spread31_odd: a span of 31 before and 7 after; spread_union_odd: its union with plain attention),
+# late_spread (spread at the 8 odd layers from 7, keep 0.835), long (a pruner trained on long inputs, directory
+# $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
 # with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
 # its saliency: token-only, token-only on RMS-normalised states, query-conditioned), ctx_fit (the 'fit' stage
 # on long inputs built only from records with a context of their own: --context-only), norm, random; these prune
@@ -205,7 +204,8 @@ nllx() {  # a second LongBench answer-NLL set: first 30 rows of 2wikimqa_e, all 
 
 job=${1:-}; shift || true
 if [[ ! "$job" =~ ^(lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx)$ ]] || [ -z "${ARGS[${1:-none}]:-}" ]; then
-  echo "usage: $0 lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx dense|default|sdtp|attention|attention64|pooled|late_pooled|odd|pooled_odd|pooled_union_odd|long|long_norank|long_lm_only|long_rms|long_fit|long_fit_rms|long_fit_query|ctx_fit|norm|random|union|snapkv|streaming_llm|h2o|knorm|tova|sdtp_low|keep85|keep925|sdtp_snapkv|sdtp_streaming_llm|saliency|llmlingua [lbgen limit | table3 tasks... | t3part task first count | t3partreport task first | ruler length | needle 1k|2k|4k limit]" >&2
+  configs=$(printf '%s\n' "${!ARGS[@]}" | sort | paste -sd '|')
+  echo "usage: $0 lbgen|table3|t3report|t3long|t3part|t3partreport|ruler|needle|nll|nllx $configs [lbgen limit | table3 tasks... | t3part task first count | t3partreport task first | ruler length | needle 1k|2k|4k limit]" >&2
   exit 2
 fi
 "$job" "$@"; exit $?
