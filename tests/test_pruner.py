@@ -273,13 +273,14 @@ def test_pooled_attention_scorer_takes_the_neighbourhood_maximum_and_ignores_pad
 def test_pooling_keeps_the_span_around_the_attended_token_whole():
     """A hand-made case: one token gets all the attention; with pool 5 its 2 neighbours on each side share its
     score, so a stage keeping 5 of 20 candidates keeps exactly that span (unpooled, only the token is sure)."""
+    from sdtp_core.scorers import span_max
     from sdtp_core.selection import select
 
     scores = torch.full((1, 20), 0.01)
     scores[0, 9] = 1.0
     scores[0, ::3] += 0.001  # scattered noise that must not beat the span
-    pooled = torch.nn.functional.max_pool1d(scores[:, None], 5, stride=1, padding=2)[:, 0]
     valid = torch.ones(1, 20, dtype=torch.bool)
+    pooled = span_max(scores, valid, 2, 2)  # attention:W:5
     slots, _ = select(pooled, valid, torch.zeros_like(valid), torch.tensor([5]))
     assert slots[0].tolist() == [7, 8, 9, 10, 11]
     slots, _ = select(scores, valid, torch.zeros_like(valid), torch.tensor([5]))
