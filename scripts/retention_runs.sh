@@ -20,7 +20,9 @@
 # pooled at the 10 odd layers 3, 5, ..., 21 instead of 4, 6, ..., 22: one layer earlier each; pooled_union_odd: there,
 # a token survives if pooled or plain attention ranks it high), spread_odd (attention:64:63:15 at the odd layers: each
 # token takes the highest score of the 63 slots before it and 15 after, so a key the question attends to keeps the value
-# that follows it; spread31_odd: a span of 31 before and 7 after; spread_union_odd: its union with plain attention),
+# that follows it; spread31_odd: a span of 31 before and 7 after; spread_union_odd: its union with plain attention;
+# these three ran before protected tokens stopped lending their scores to the span, commit a7b01d9 and earlier),
+# spread_odd2 and spread31_odd2 (the same two spans since protected tokens lend nothing),
 # late_spread (spread at the 8 odd layers from 7, keep 0.835), long (a pruner trained on long inputs, directory
 # $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
 # with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
@@ -69,6 +71,8 @@ declare -A ARGS=(
   [pooled_union_odd]="pruner=attention:64:31+attention,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread_odd]="pruner=attention:64:63:15,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread31_odd]="pruner=attention:64:31:7,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
+  [spread_odd2]="pruner=attention:64:63:15,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
+  [spread31_odd2]="pruner=attention:64:31:7,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread_union_odd]="pruner=attention:64:63:15+attention,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [late_spread]="pruner=attention:64:63:15,layers=7:9:11:13:15:17:19:21,keep_ratio=0.835,min_prompt_tokens=0"
   [long]="pruner=${LONG_PRUNER:-$RUNS/train_long/pruner},min_prompt_tokens=0"

@@ -171,6 +171,7 @@ class SDTPEngine:
                         valid=valid,
                         positions=positions,
                         lengths=lengths,
+                        protected=protected,
                     )
                     slots, valid = select(scores, valid, protected, keep_counts(lengths, cfg.keep_ratios[s]))
                     hidden = _gather(hidden, slots)

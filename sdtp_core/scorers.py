@@ -71,6 +71,7 @@ class AttentionScorer(nn.Module):
         layer: nn.Module,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         valid: torch.Tensor,
+        protected: torch.Tensor | None = None,
         **context,
     ) -> torch.Tensor:
         """(batch, k) mean attention probability each slot receives (the highest over its pooling span).
@@ -78,6 +79,9 @@ class AttentionScorer(nn.Module):
         Slots are right-aligned (see :mod:`sdtp_core.selection`): the last ``window`` slots are the most
         recent tokens, and causal order between slots is causal order between original positions.
         Padding slots receive no attention; the pooled score a live slot takes never comes from padding.
+        ``protected`` (batch, k) marks slots every stage keeps (the first tokens, the recent tail): their
+        scores lend nothing to their neighbours, since the attention they receive (the sink's, the
+        recent tokens' attention to each other) says nothing about which context is worth keeping.
         """
         attn = layer.self_attn
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -98,6 +102,8 @@ class AttentionScorer(nn.Module):
         live_queries = valid[:, -m:].float()  # (batch, m): a padding query contributes nothing
         per_query = probs.mean(1)  # over heads -> (batch, m, k)
         scores = (per_query * live_queries[:, :, None]).sum(1) / live_queries.sum(1, keepdim=True).clamp(min=1)
+        if protected is not None and (self.before or self.after):
+            scores = scores.masked_fill(protected, 0.0)
         return span_max(scores, valid, self.before, self.after)
 
 

@@ -304,6 +304,59 @@ def test_spread_keeps_what_follows_the_attended_token():
     assert spread[0].tolist() == [4, 5, 6, 7, 8, 9]
 
 
+def test_protected_tokens_lend_their_score_to_no_neighbour():
+    """attention:W:B:A with ``protected`` slots (kept by every stage anyway): their scores are left out of the
+    span, so what the sink and the recent tail receive lifts no neighbour. By hand from the plain scores."""
+    from sdtp_core.scorers import AttentionScorer
+
+    model = tiny_model(attn="eager")
+    layer = model.model.layers[2]
+    torch.manual_seed(2)
+    n, before, after = 16, 4, 1
+    hidden = torch.randn(1, n, 64)
+    rope = model.model.rotary_emb(hidden, torch.arange(n).unsqueeze(0))
+    valid = torch.ones(1, n, dtype=torch.bool)
+    protected = torch.zeros(1, n, dtype=torch.bool)
+    protected[0, :2] = protected[0, -3:] = True
+    kwargs = dict(layer=layer, position_embeddings=rope, valid=valid)
+    spread = AttentionScorer(None, window=4, before=before, after=after)
+    with torch.no_grad():
+        plain = AttentionScorer(None, window=4).score(2, hidden, **kwargs)[0]
+        got = spread.score(2, hidden, protected=protected, **kwargs)[0]
+        unprotected = spread.score(2, hidden, **kwargs)[0]
+    masked = plain.masked_fill(protected[0], 0.0)
+    expected = torch.stack([masked[max(0, i - before) : i + after + 1].max() for i in range(n)])
+    torch.testing.assert_close(got, expected)
+    everything = torch.stack([plain[max(0, i - before) : i + after + 1].max() for i in range(n)])
+    torch.testing.assert_close(unprotected, everything)  # without the mask: every slot lends, as before
+    assert not torch.equal(got, unprotected)  # this case tells the two apart
+
+
+def test_the_engine_tells_the_scorer_which_slots_are_protected():
+    """Every stage's ``protected`` is the protected mask of the input, gathered to the surviving slots."""
+    from sdtp_core.loading import load_pruner
+    from sdtp_core.selection import protected_mask
+
+    model = tiny_model()
+    scorer = load_pruner("attention:8:6:2", model, layers=[1, 3, 4], keep_ratio=0.7)
+    seen = []
+    score = scorer.score
+
+    def recording(stage, hidden, **context):
+        seen.append((context["protected"].clone(), context["positions"].clone(), context["valid"].clone()))
+        return score(stage, hidden, **context)
+
+    scorer.score = recording
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(0))
+    SDTPEngine(model, scorer).prefill(ids)
+    assert len(seen) == 3
+    expected = protected_mask(torch.ones(1, 40), scorer.config.keep_first, scorer.config.keep_recent)[0]
+    for protected, positions, valid in seen:
+        live = positions[valid]
+        assert protected[valid].tolist() == expected[live].tolist()
+    assert seen[0][0][0].sum().item() == 4 + 4  # the first 4 and the last 10% (4 of 40)
+
+
 @pytest.mark.parametrize("kind", ["attention", "attention:32", "attention:8:31", "attention:8:9:2", "norm", "random"])
 def test_training_free_scorers_run_at_the_same_schedule(kind):
     from sdtp_core.loading import load_pruner

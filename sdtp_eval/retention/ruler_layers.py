@@ -90,6 +90,7 @@ def layer_ranks(model, scorers: dict[str, torch.nn.Module], ids: list[int], posi
                 layer=layer,
                 position_embeddings=embeddings,
                 valid=valid,
+                protected=~candidates[None],
             )[0].float()
             per_layer.append(min(percentile(scores, candidates, p) for p in positions))  # the worst value token
         ranks[name] = per_layer
