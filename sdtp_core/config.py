@@ -28,6 +28,15 @@ def default_layers(num_layers: int, num_stages: int = 10, start: int = 4) -> lis
     return [start + round(i * step) for i in range(num_stages)]
 
 
+def earlier_layers(num_layers: int, num_stages: int = 10, start: int = 4) -> list[int]:
+    """:func:`default_layers`, each stage one layer earlier: for a 24-layer model 3, 5, ..., 21.
+
+    The schedule of the ``spread`` scorer: on the embedded model the spread attention scores find the
+    multi-key needles' values at odd layers, not at the even default ones (results/ruler_layers_2k.md).
+    """
+    return [layer - 1 for layer in default_layers(num_layers, num_stages, start)]
+
+
 def geometric_keep_ratios(num_stages: int = 10, r: float = 0.9) -> list[float]:
     """Stage ``s`` (1-based) keeps ``r**s`` of the original tokens (the paper's schedule)."""
     if not 0.0 < r <= 1.0:

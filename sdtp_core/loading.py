@@ -9,6 +9,7 @@ import torch
 
 from . import fingerprint
 from .embedded import resolve_pretrained
+from .config import earlier_layers
 from .oracle import ORACLE, SaliencyOracle
 from .pruner import TokenPruner
 from .scorers import RankUnion, is_training_free, training_free
@@ -28,11 +29,15 @@ RANDOM_PRUNER = "random"
 SHIPPED_PRUNER = "shipped"
 #: Joins pruner specs into a :class:`~sdtp_core.scorers.RankUnion` (``shipped+attention``).
 UNION = "+"
-#: The scorer used when none is named. Measured on the embedded model (results/retention.md): the
-#: training-free attention scorer kept long-context answer likelihood better than the shipped trained
-#: pruner (paired ΔNLL vs dense +0.10 vs +0.43 nats/token on 46 LongBench answers), so it is the default
-#: until a trained pruner beats it; ``pruner=shipped`` selects the trained one.
-DEFAULT_PRUNER = "attention"
+#: The scorer used when none is named: ``spread`` (``attention:64:63:15`` at :func:`~sdtp_core.config.earlier_layers`).
+#: Measured on the embedded model (results/retention.md, "Spreading the score forward"), against the plain
+#: attention scorer, the default before it, at 1/τ 1.59 vs 1.53: RULER 2K 0.73 vs 0.50 and 4K 0.74 vs 0.49 (dense
+#: 0.83, 0.78), LongBench generation at the dense level (24.1 vs 24.3; attention 20.9), the needle sweeps
+#: whole; answer NLL +0.19 vs +0.10 nats/token over dense (their difference not separable from 0). The
+#: shipped trained pruner is below both on retrieval; ``pruner=shipped`` selects it.
+DEFAULT_PRUNER = "spread"
+#: Named scorers whose default schedule is not the paper's placement (``layers`` still overrides it).
+PRESET_LAYERS = {"spread": earlier_layers}
 #: Prompts shorter than this run dense in the lm-eval ``sdtp`` model (``min_prompt_tokens``). Measured on
 #: the embedded model (results/short_prompt_speed.md, batch 1, attention scorer): below 256 tokens pruning
 #: saves at most 1.16x (bf16) / 1.42x (fp32) of a prefill that already takes < 0.8 s, while short prompts
@@ -128,8 +133,9 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     fits its architecture, a warning if its weights differ from the model it was trained on);
     ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
     ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens, ``"attention:W:P"`` pooled over ``P``
-    slots, ``"attention:W:B:A"`` over ``B`` slots before and ``A`` after) or ``"norm"`` (training-free
-    scorers, :mod:`sdtp_core.scorers`); ``"saliency"`` (the answer-aware oracle of :mod:`sdtp_core.oracle`,
+    slots, ``"attention:W:B:A"`` over ``B`` slots before and ``A`` after), ``"spread"`` (``attention:64:63:15``
+    at its own default layers, :data:`PRESET_LAYERS`) or ``"norm"`` (training-free scorers,
+    :mod:`sdtp_core.scorers`); ``"saliency"`` (the answer-aware oracle of :mod:`sdtp_core.oracle`,
     analysis only); ``A+B`` (a :class:`~sdtp_core.scorers.RankUnion`: what either ranks high, e.g.
     ``shipped+attention``); or ``None``
     (:data:`DEFAULT_PRUNER`, for every model).
@@ -158,6 +164,8 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
         scorer.source = ORACLE
         return scorer
     if is_training_free(spec):
+        if layers is None and spec in PRESET_LAYERS:
+            layers = PRESET_LAYERS[spec](model.config.num_hidden_layers)
         scorer = training_free(spec, PrunerConfig.for_model(model.config, layers=layers, **kwargs))
         scorer.source = spec
         return scorer
@@ -179,7 +187,7 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
 def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | None) -> RankUnion:
     """``A+B[+...]``: a :class:`~sdtp_core.scorers.RankUnion` of the named pruners at one schedule. Without
     ``layers``, the first trained pruner named fixes the schedule (its scorers are tied to their layers) and
-    the training-free scorers take it."""
+    the training-free scorers take it; without a trained one, a named preset's schedule (``spread``) does."""
     specs = spec.split(UNION)
     if len(specs) < 2 or not all(specs):
         raise ValueError(f"a union of pruners is written A+B (e.g. shipped+attention), got {spec!r}")
@@ -189,6 +197,9 @@ def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | 
         loaded[trained[0]] = load_pruner(trained[0], model, keep_ratio=keep_ratio)
         schedule = loaded[trained[0]].config
         layers = schedule.layers
+    elif layers is None:  # training-free parts only: a preset's own schedule, if one is named, for all
+        preset = next((s for s in specs if s in PRESET_LAYERS), None)
+        layers = PRESET_LAYERS[preset](model.config.num_hidden_layers) if preset else None
     parts = []
     for s in specs:
         if s in loaded:

@@ -33,7 +33,11 @@ from torch import nn
 
 from .config import PrunerConfig
 
-TRAINING_FREE = ("attention", "norm")
+#: Named training-free scorers: ``spread`` is the attention scorer spread over 63 slots before and 15 after
+#: (results/retention.md, "Spreading the score forward"); :func:`sdtp_core.loading.load_pruner` also gives
+#: it its own default schedule (:func:`sdtp_core.config.earlier_layers`).
+PRESETS = {"spread": "attention:64:63:15"}
+TRAINING_FREE = ("attention", "norm", *PRESETS)
 
 
 class NormScorer(nn.Module):
@@ -152,8 +156,8 @@ class RankUnion(nn.Module):
 
 
 def is_training_free(spec: str) -> bool:
-    """Whether ``spec`` names a training-free scorer (``norm``, ``attention``, ``attention:W``, ``attention:W:P`` or
-    ``attention:W:B:A``)."""
+    """Whether ``spec`` names a training-free scorer (``norm``, ``attention``, ``attention:W``, ``attention:W:P``,
+    ``attention:W:B:A`` or a name in :data:`PRESETS`)."""
     return spec.partition(":")[0] in TRAINING_FREE
 
 
@@ -161,7 +165,8 @@ def training_free(spec: str, config: PrunerConfig) -> nn.Module:
     """A training-free scorer by name for the schedule ``config``: ``norm``, ``attention`` (window 8, no
     pooling), ``attention:W`` (the attention of the last ``W`` tokens), ``attention:W:P`` (also max-pooled over
     ``P`` neighbouring slots, ``P`` odd: ``P // 2`` on either side) or ``attention:W:B:A`` (the highest score
-    among ``B`` slots before and ``A`` after)."""
+    among ``B`` slots before and ``A`` after); or a name in :data:`PRESETS` (``spread``)."""
+    spec = PRESETS.get(spec, spec)
     kind, _, arg = spec.partition(":")
     if kind == "norm" and not arg:
         return NormScorer(config)

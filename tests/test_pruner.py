@@ -184,7 +184,7 @@ def test_fingerprint_recognises_the_same_weights_up_to_quantization_noise_only()
     assert not fingerprint.matches(tiny_model("llama", seed=0), reference)  # other architecture
 
 
-def test_shipped_pruner_follows_the_model_identity_and_the_default_is_attention(tmp_path, monkeypatch, caplog):
+def test_shipped_pruner_follows_the_model_identity_and_the_default_is_spread(tmp_path, monkeypatch, caplog):
     from sdtp_core import fingerprint, loading
 
     model = tiny_model(seed=0)
@@ -195,12 +195,54 @@ def test_shipped_pruner_follows_the_model_identity_and_the_default_is_attention(
     layers = [1, 3, 4]  # the tiny pruner's stages
     assert loading.shipped_pruner_dir(model) == shipped
     assert loading.load_pruner("shipped", model, layers).source == str(shipped)
-    assert loading.load_pruner(None, model, layers).source == "attention"  # the measured-best scorer
+    assert loading.load_pruner(None, model, layers).source == "spread"  # the measured-best scorer
     other = tiny_model(seed=1)
     assert loading.shipped_pruner_dir(other) is None
     assert loading.load_pruner("shipped", other, layers).source == str(shipped)  # explicit: loaded, with a warning
     assert "trained on another model" in caplog.text
     assert loading.load_pruner("random", other, layers).source == "random" and "UNTRAINED" in caplog.text
+
+
+def test_spread_is_the_attention_scorer_spread_63_back_15_ahead_at_the_earlier_layers():
+    """``spread`` (the default) = ``attention:64:63:15`` at the paper's layers each one earlier; ``layers`` still
+    overrides them, and a union of training-free scorers naming it takes its schedule."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sdtp_core.config import default_layers, earlier_layers
+    from sdtp_core.loading import load_pruner
+
+    assert default_layers(24) == [4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
+    assert earlier_layers(24) == [3, 5, 7, 9, 11, 13, 15, 17, 19, 21]  # the embedded model's 24 layers
+    assert earlier_layers(28) == [layer - 1 for layer in default_layers(28)]
+    config = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    default = load_pruner(None, model)
+    assert default.source == "spread" and default.config.layers == earlier_layers(16) == [
+        3,
+        4,
+        5,
+        7,
+        8,
+        9,
+        10,
+        11,
+        13,
+        14,
+    ]
+    assert (default.window, default.before, default.after) == (64, 63, 15)
+    named = load_pruner("attention:64:63:15", model)  # the same scorer by its spec: the paper's layers
+    assert named.config.layers == default_layers(16) and named.config.keep_ratios == default.config.keep_ratios
+    assert load_pruner("spread", model, layers=[2, 5]).config.layers == [2, 5]
+    union = load_pruner("spread+attention", model)
+    assert [p.config.layers for p in union.parts] == [earlier_layers(16)] * 2
 
 
 def test_norm_scorer_keeps_the_largest_hidden_states():
