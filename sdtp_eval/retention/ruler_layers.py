@@ -36,8 +36,8 @@ KEPT_SHARE = 0.9**10
 
 def ruler_documents(tasks: list[str], length: int, limit: int) -> dict[str, list[dict]]:
     """The first ``limit`` documents of each offline RULER task in ``tasks`` at ``length`` tokens, from one load
-    of the group: ``{"prompt", "value"}``, the prompt as lm-eval sends it (input + generation prefix) and the first
-    gold value."""
+    of the group: ``{"prompt", "value", "values"}``, the prompt as lm-eval sends it (input + generation prefix), the
+    first gold value and all of them."""
     import random
 
     import numpy as np
@@ -55,7 +55,11 @@ def ruler_documents(tasks: list[str], length: int, limit: int) -> dict[str, list
         raise ValueError(f"{unknown} are not offline RULER tasks; use some of {sorted(members)}")
     return {
         task: [
-            {"prompt": members[task].doc_to_text(d) + " " + d["gen_prefix"].strip(), "value": d["outputs"][0]}
+            {
+                "prompt": members[task].doc_to_text(d) + " " + d["gen_prefix"].strip(),
+                "value": d["outputs"][0],
+                "values": list(d["outputs"]),
+            }
             for d in list(members[task].eval_docs)[:limit]
         ]
         for task in tasks
