@@ -1,7 +1,8 @@
 """Run the same lm-eval tasks under several model configurations back to back and report them side by side.
 
     python -m sdtp_eval.compare --tasks copa,piqa,winogrande \\
-        --run hf=hf --run dense=sdtp:prune=false --run sdtp=sdtp --run random=sdtp:pruner=random \\
+        --run hf=hf --run dense=sdtp:prune=false --run sdtp=sdtp:pruner=shipped,min_prompt_tokens=0 \\
+        --run random=sdtp:pruner=random,min_prompt_tokens=0 \\
         --out results/accuracy_cpu
 
 Each ``--run NAME=MODEL[:MODEL_ARGS]`` is one ``lm_eval`` process (lm-eval's own command-line entry point,
