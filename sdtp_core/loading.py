@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from . import fingerprint
-from .embedded import resolve_pretrained
 from .config import earlier_layers
+from .embedded import resolve_pretrained
 from .oracle import ORACLE, SaliencyOracle
 from .pruner import TokenPruner
 from .scorers import RankUnion, is_training_free, training_free

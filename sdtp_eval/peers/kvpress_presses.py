@@ -354,7 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m sdtp_eval.peers.kvpress_presses", description=main.__doc__)
     parser.add_argument("--model", default=None, help="Hub id or path (default: the embedded model)")
     parser.add_argument(
-        "--pruner", default=None, help="a pruner directory, shipped, spread, attention, norm or random (default: the package default, spread)"
+        "--pruner",
+        default=None,
+        help="a pruner directory, shipped, spread, attention, norm or random (default: the package default, spread)",
     )
     parser.add_argument("--presses", nargs="+", default=list(PRESSES))
     parser.add_argument("--ratio", type=float, default=0.5, help="press compression ratio (fraction removed)")

@@ -6,7 +6,7 @@ values (``paired --fill default=dense``), gives a task's default-policy column a
 run's cost (BoolQ: 230 of 3,270 documents)::
 
     python -m sdtp_eval.retention.long_prompts --tasks boolq cb --min-tokens 256 --out runs/long_docs.json
-    lm_eval --model sdtp --model_args min_prompt_tokens=256 --tasks boolq,cb --samples runs/long_docs.json --log_samples ...
+    lm_eval --model sdtp --tasks boolq,cb --samples runs/long_docs.json --log_samples ...
 
 Inputs are measured as the ``sdtp`` model builds them: lm-eval's own requests for each task (its prompts,
 0-shot), encoded by HFLM's ``_encode_pair`` with the model's tokenizer, then ``SDTPLM.model_input``.
