@@ -30,11 +30,11 @@ SHIPPED_PRUNER = "shipped"
 #: Joins pruner specs into a :class:`~sdtp_core.scorers.RankUnion` (``shipped+attention``).
 UNION = "+"
 #: The scorer used when none is named: ``spread`` (``attention:64:63:15`` at :func:`~sdtp_core.config.earlier_layers`).
-#: Measured on the embedded model (results/retention.md, "Spreading the score forward"), against the plain
-#: attention scorer, the default before it, at 1/τ 1.59 vs 1.53: RULER 2K 0.73 vs 0.50 and 4K 0.74 vs 0.49 (dense
-#: 0.83, 0.78), LongBench generation at the dense level (24.1 vs 24.3; attention 20.9), the needle sweeps
-#: whole; answer NLL +0.19 vs +0.10 nats/token over dense (their difference not separable from 0). The
-#: shipped trained pruner is below both on retrieval; ``pruner=shipped`` selects it.
+#: Measured on the embedded model (results/retention.md, "The default since 2026-12-06") against the plain
+#: attention scorer, the default before it, at 1/τ 1.59 vs 1.53: RULER 1K 0.67 vs 0.61, 2K 0.72 vs 0.50, 4K 0.74
+#: vs 0.49 (dense 0.94, 0.83, 0.78); LongBench generation at the dense level (24.1 vs 24.3; attention 20.9); the
+#: needle sweeps whole; answer NLL +0.19 vs +0.10 nats/token over dense (their difference not separable from 0).
+#: The shipped trained pruner is far below both on retrieval; ``pruner=shipped`` selects it.
 DEFAULT_PRUNER = "spread"
 #: Named scorers whose default schedule is not the paper's placement (``layers`` still overrides it).
 PRESET_LAYERS = {"spread": earlier_layers}
