@@ -225,18 +225,8 @@ def test_spread_is_the_attention_scorer_spread_63_back_15_ahead_at_the_earlier_l
     )
     model = Qwen2ForCausalLM(config).eval()
     default = load_pruner(None, model)
-    assert default.source == "spread" and default.config.layers == earlier_layers(16) == [
-        3,
-        4,
-        5,
-        7,
-        8,
-        9,
-        10,
-        11,
-        13,
-        14,
-    ]
+    by_hand = [3, 4, 5, 7, 8, 9, 10, 11, 13, 14]  # 4 + round(1.2 i) for i < 10, each minus one
+    assert default.source == "spread" and default.config.layers == earlier_layers(16) == by_hand
     assert (default.window, default.before, default.after) == (64, 63, 15)
     named = load_pruner("attention:64:63:15", model)  # the same scorer by its spec: the paper's layers
     assert named.config.layers == default_layers(16) and named.config.keep_ratios == default.config.keep_ratios
