@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 
 from . import fingerprint
-from .config import earlier_layers
 from .embedded import resolve_pretrained
 from .oracle import ORACLE, SaliencyOracle
 from .pruner import TokenPruner
-from .scorers import RankUnion, is_training_free, training_free
+from .scorers import PRESETS, RankUnion, is_training_free, training_free
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -36,8 +35,6 @@ UNION = "+"
 #: needle sweeps whole; answer NLL +0.19 vs +0.10 nats/token over dense (their difference not separable from 0).
 #: The shipped trained pruner is far below both on retrieval; ``pruner=shipped`` selects it.
 DEFAULT_PRUNER = "spread"
-#: Named scorers whose default schedule is not the paper's placement (``layers`` still overrides it).
-PRESET_LAYERS = {"spread": earlier_layers}
 #: Prompts shorter than this run dense in the lm-eval ``sdtp`` model (``min_prompt_tokens``). Measured on
 #: the embedded model (results/short_prompt_speed.md, batch 1, attention scorer): below 256 tokens pruning
 #: saves at most 1.16x (bf16) / 1.42x (fp32) of a prefill that already takes < 0.8 s, while short prompts
@@ -134,7 +131,7 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
     ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens, ``"attention:W:P"`` pooled over ``P``
     slots, ``"attention:W:B:A"`` over ``B`` slots before and ``A`` after), ``"spread"`` (``attention:64:63:15``
-    at its own default layers, :data:`PRESET_LAYERS`) or ``"norm"`` (training-free scorers,
+    at its own default layers, :data:`~sdtp_core.scorers.PRESETS`) or ``"norm"`` (training-free scorers,
     :mod:`sdtp_core.scorers`); ``"saliency"`` (the answer-aware oracle of :mod:`sdtp_core.oracle`,
     analysis only); ``A+B`` (a :class:`~sdtp_core.scorers.RankUnion`: what either ranks high, e.g.
     ``shipped+attention``); or ``None``
@@ -164,8 +161,8 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
         scorer.source = ORACLE
         return scorer
     if is_training_free(spec):
-        if layers is None and spec in PRESET_LAYERS:
-            layers = PRESET_LAYERS[spec](model.config.num_hidden_layers)
+        if layers is None and spec in PRESETS:
+            layers = PRESETS[spec].layers(model.config.num_hidden_layers)
         scorer = training_free(spec, PrunerConfig.for_model(model.config, layers=layers, **kwargs))
         scorer.source = spec
         return scorer
@@ -198,8 +195,8 @@ def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | 
         schedule = loaded[trained[0]].config
         layers = schedule.layers
     elif layers is None:  # training-free parts only: a preset's own schedule, if one is named, for all
-        preset = next((s for s in specs if s in PRESET_LAYERS), None)
-        layers = PRESET_LAYERS[preset](model.config.num_hidden_layers) if preset else None
+        preset = next((PRESETS[s] for s in specs if s in PRESETS), None)
+        layers = preset.layers(model.config.num_hidden_layers) if preset else None
     parts = []
     for s in specs:
         if s in loaded:

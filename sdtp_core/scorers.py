@@ -26,17 +26,27 @@ generation and the attention scorer on retrieval (RULER, needles).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PrunerConfig
+from .config import PrunerConfig, earlier_layers
 
-#: Named training-free scorers: ``spread`` is the attention scorer spread over 63 slots before and 15 after
-#: (results/retention.md, "Spreading the score forward"); :func:`sdtp_core.loading.load_pruner` also gives
-#: it its own default schedule (:func:`sdtp_core.config.earlier_layers`).
-PRESETS = {"spread": "attention:64:63:15"}
+
+class Preset(NamedTuple):
+    """A named training-free scorer: the scorer ``spec`` it stands for, and its default stage ``layers`` for a
+    model with that many decoder layers (:func:`sdtp_core.loading.load_pruner` uses them when none are given)."""
+
+    spec: str
+    layers: Callable[[int], list[int]]
+
+
+#: ``spread``: the attention scorer spread over 63 slots before and 15 after, at the paper's layers each one
+#: earlier (results/retention.md, "Spreading the score forward" and "The default since 2026-12-06").
+PRESETS = {"spread": Preset("attention:64:63:15", earlier_layers)}
 TRAINING_FREE = ("attention", "norm", *PRESETS)
 
 
@@ -166,7 +176,8 @@ def training_free(spec: str, config: PrunerConfig) -> nn.Module:
     pooling), ``attention:W`` (the attention of the last ``W`` tokens), ``attention:W:P`` (also max-pooled over
     ``P`` neighbouring slots, ``P`` odd: ``P // 2`` on either side) or ``attention:W:B:A`` (the highest score
     among ``B`` slots before and ``A`` after); or a name in :data:`PRESETS` (``spread``)."""
-    spec = PRESETS.get(spec, spec)
+    if spec in PRESETS:
+        spec = PRESETS[spec].spec
     kind, _, arg = spec.partition(":")
     if kind == "norm" and not arg:
         return NormScorer(config)
