@@ -7,7 +7,8 @@ from conftest import tiny_pruner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdtp_core.engine import SDTPEngine
-from sdtp_eval.retention.ruler_survival import occurrences, survival
+from sdtp_eval.retention.needle_survival import occurrences
+from sdtp_eval.retention.ruler_survival import survival
 
 
 class ByPosition(torch.nn.Module):

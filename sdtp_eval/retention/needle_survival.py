@@ -51,15 +51,23 @@ def recorded_selections():
         engine_module.select = original
 
 
+def occurrences(tokenizer, text: str, value: str) -> tuple[list[int], list[list[int]]]:
+    """(prompt token ids, for every occurrence of ``value`` in ``text`` the positions of the tokens overlapping it)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, start = [], text.find(value)
+    while start >= 0:
+        end = start + len(value)
+        spans.append([i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start])
+        start = text.find(value, start + 1)
+    return enc["input_ids"], spans
+
+
 def needle_positions(tokenizer, text: str, answer: str) -> tuple[list[int], list[int]]:
     """(prompt token ids, positions of the tokens that overlap the first occurrence of ``answer``)."""
-    start = text.find(answer)
-    if start < 0:
+    ids, spans = occurrences(tokenizer, text, answer)
+    if not spans:
         raise ValueError(f"the gold value {answer!r} does not occur in the prompt")
-    end = start + len(answer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    positions = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
-    return enc["input_ids"], positions
+    return ids, spans[0]
 
 
 def percentile(scores: torch.Tensor, candidates: torch.Tensor, slot: int) -> float:

@@ -29,17 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import write_report
-
-
-def occurrences(tokenizer, text: str, value: str) -> tuple[list[int], list[list[int]]]:
-    """(prompt token ids, for every occurrence of ``value`` in ``text`` the positions of the tokens overlapping it)."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans, start = [], text.find(value)
-    while start >= 0:
-        end = start + len(value)
-        spans.append([i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start])
-        start = text.find(value, start + 1)
-    return enc["input_ids"], spans
+from .needle_survival import occurrences
 
 
 def survival(engine, ids: list[int], spans_per_value: list[list[list[int]]], after_first: int) -> dict:
