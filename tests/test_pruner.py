@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_pruner
+from conftest import TINY, tiny_model, tiny_pruner
 
 from sdtp_core.config import PrunerConfig, PrunerConfigError, default_layers, geometric_keep_ratios
 from sdtp_core.engine import SDTPEngine
@@ -214,16 +214,7 @@ def test_spread_is_the_attention_scorer_spread_63_back_15_ahead_at_the_earlier_l
     assert default_layers(24) == [4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
     assert earlier_layers(24) == [3, 5, 7, 9, 11, 13, 15, 17, 19, 21]  # the embedded model's 24 layers
     assert earlier_layers(28) == [layer - 1 for layer in default_layers(28)]
-    config = Qwen2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=16,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = Qwen2ForCausalLM(config).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "num_hidden_layers": 16})).eval()
     default = load_pruner(None, model)
     by_hand = [3, 4, 5, 7, 8, 9, 10, 11, 13, 14]  # 4 + round(1.2 i) for i < 10, each minus one
     assert default.source == "spread" and default.config.layers == earlier_layers(16) == by_hand
