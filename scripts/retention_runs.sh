@@ -14,17 +14,19 @@
 #   bash scripts/retention_runs.sh nllx dense         # a second answer-NLL set: 41 answers (2wikimqa_e, multifieldqa_en_e)
 #
 # Configurations: dense, default (the package's defaults until 2026-12-06, spelled out: attention scorer, prompts
-# under 256 tokens dense), spread_default (the defaults since: the spread scorer at its layers, prompts under 256 dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead
-# of 8), pooled (window 64, scores max-pooled over 31 slots), late_pooled (pooled, with 8 stages from
+# under 256 tokens dense), spread_default (the defaults since: the spread scorer at its layers, prompts under 256
+# dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead of 8), pooled
+# (window 64, scores max-pooled over 31 slots), late_pooled (pooled, with 8 stages from
 # layer 8 at keep 0.835 instead of 10 from layer 4 at 0.9: the same 1/tau 1.53), odd and pooled_odd (attention and
 # pooled at the 10 odd layers 3, 5, ..., 21 instead of 4, 6, ..., 22: one layer earlier each; pooled_union_odd: there,
 # a token survives if pooled or plain attention ranks it high), spread_odd (attention:64:63:15 at the odd layers: each
 # token takes the highest score of the 63 slots before it and 15 after, so a key the question attends to keeps the value
 # that follows it; spread31_odd: a span of 31 before and 7 after; spread_union_odd: its union with plain attention;
 # these three ran before protected tokens stopped lending their scores to the span, commit a7b01d9 and earlier),
-# spread_odd2 and spread31_odd2 (the same two spans since protected tokens lend nothing),
+# spread_odd2 (spread_odd since protected tokens lend nothing: the default scorer, at every prompt length),
 # late_spread (spread at the 8 odd layers from 7, keep 0.835), long (a pruner trained on long inputs, directory
-# $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
+# $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only
+# (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
 # with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
 # its saliency: token-only, token-only on RMS-normalised states, query-conditioned), ctx_fit (the 'fit' stage
 # on long inputs built only from records with a context of their own: --context-only), norm, random; these prune
@@ -73,7 +75,6 @@ declare -A ARGS=(
   [spread_odd]="pruner=attention:64:63:15,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread31_odd]="pruner=attention:64:31:7,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread_odd2]="pruner=attention:64:63:15,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
-  [spread31_odd2]="pruner=attention:64:31:7,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread_union_odd]="pruner=attention:64:63:15+attention,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [late_spread]="pruner=attention:64:63:15,layers=7:9:11:13:15:17:19:21,keep_ratio=0.835,min_prompt_tokens=0"
   [long]="pruner=${LONG_PRUNER:-$RUNS/train_long/pruner},min_prompt_tokens=0"
