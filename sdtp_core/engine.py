@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from .attention import layout_mask
 from .cache import PrunedCache
 from .pruner import TokenPruner
+from .scorers import segment_ids
 from .selection import compact, keep_counts, protected_mask, select
 from .timing import StageTimer, stage
 
@@ -153,6 +154,8 @@ class SDTPEngine:
                 else None
             )
             stage_at = {layer: s for s, layer in enumerate(cfg.layers)} if pruning else {}
+            ends = getattr(self.pruner, "sentence_ends", None) if pruning else None
+            segments = segment_ids(ids, valid, ends) if ends is not None else None  # each slot's sentence
 
             hidden = self.inner.embed_tokens(ids)
             cos, sin = self.inner.rotary_emb(hidden, positions)
@@ -172,11 +175,14 @@ class SDTPEngine:
                         positions=positions,
                         lengths=lengths,
                         protected=protected,
+                        segments=segments,
                     )
                     slots, valid = select(scores, valid, protected, keep_counts(lengths, cfg.keep_ratios[s]))
                     hidden = _gather(hidden, slots)
                     cos, sin = _gather(cos, slots), _gather(sin, slots)
                     positions, protected = positions.gather(1, slots), protected.gather(1, slots)
+                    if segments is not None:
+                        segments = segments.gather(1, slots).masked_fill(~valid, -1)
                     attn_mask = self._mask(valid, valid.shape[1])
                     if cache is not None:
                         cache.segment_valid.append(valid)

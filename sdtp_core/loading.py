@@ -11,7 +11,7 @@ from . import fingerprint
 from .embedded import resolve_pretrained
 from .oracle import ORACLE, SaliencyOracle
 from .pruner import TokenPruner
-from .scorers import PRESETS, RankUnion, is_training_free, training_free
+from .scorers import PRESETS, RankUnion, is_training_free, needs_tokenizer, training_free
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -123,7 +123,9 @@ def shipped_pruner_dir(model) -> Path | None:
     return None
 
 
-def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_ratio: float | None = None):
+def load_pruner(
+    spec: str | None, model, layers: list[int] | None = None, keep_ratio: float | None = None, tokenizer=None
+):
     """Resolve a pruner for ``model``; the returned module's ``source`` says where it came from.
 
     ``spec`` is a pruner directory; ``"shipped"`` (the pruner shipped for this model: an error if none
@@ -137,14 +139,18 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     ``shipped+attention``); or ``None``
     (:data:`DEFAULT_PRUNER`, for every model).
     ``layers`` / ``keep_ratio`` override the schedule; with a trained pruner only a keep ratio change
-    is allowed (its scorers are tied to their layers).
+    is allowed (its scorers are tied to their layers). ``tokenizer`` (the model's) is what scorers within
+    sentences (``sentence``, ``attention:…:s``) read sentence ends from; without it, the one saved beside the
+    model's weights is loaded.
     """
     from .config import PrunerConfig, geometric_keep_ratios
 
     if spec is None:
         spec = DEFAULT_PRUNER
+    if needs_tokenizer(spec) and tokenizer is None:
+        tokenizer = _saved_tokenizer(model)
     if UNION in spec:
-        return _load_union(spec, model, layers, keep_ratio)
+        return _load_union(spec, model, layers, keep_ratio, tokenizer)
     if spec == SHIPPED_PRUNER:
         spec = str(_shipped_for_shape(model))
     kwargs = {} if keep_ratio is None else {"r": keep_ratio}
@@ -163,7 +169,8 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     if is_training_free(spec):
         if layers is None and spec in PRESETS:
             layers = PRESETS[spec].layers(model.config.num_hidden_layers)
-        scorer = training_free(spec, PrunerConfig.for_model(model.config, layers=layers, **kwargs))
+        config = PrunerConfig.for_model(model.config, layers=layers, **kwargs)
+        scorer = training_free(spec, config, tokenizer, model.config.vocab_size)
         scorer.source = spec
         return scorer
     pruner = TokenPruner.from_pretrained(spec, dtype=model.dtype).to(model.device)
@@ -181,7 +188,17 @@ def load_pruner(spec: str | None, model, layers: list[int] | None = None, keep_r
     return pruner
 
 
-def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | None) -> RankUnion:
+def _saved_tokenizer(model):
+    """The tokenizer saved beside ``model``'s weights (its ``name_or_path``), for scorers within sentences."""
+    from transformers import AutoTokenizer
+
+    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if not path:
+        raise ValueError("a scorer within sentences needs the model's tokenizer: pass tokenizer= to load_pruner")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | None, tokenizer=None) -> RankUnion:
     """``A+B[+...]``: a :class:`~sdtp_core.scorers.RankUnion` of the named pruners at one schedule. Without
     ``layers``, the first trained pruner named fixes the schedule (its scorers are tied to their layers) and
     the training-free scorers take it; without a trained one, a named preset's schedule (``spread``) does."""
@@ -202,10 +219,10 @@ def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | 
         if s in loaded:
             part = loaded.pop(s)
         elif schedule is not None and is_training_free(s):
-            part = training_free(s, schedule)
+            part = training_free(s, schedule, tokenizer, model.config.vocab_size)
             part.source = s
         else:
-            part = load_pruner(s, model, layers, keep_ratio)
+            part = load_pruner(s, model, layers, keep_ratio, tokenizer)
         parts.append(part)
     schedules = {(tuple(p.config.layers), tuple(round(r, 9) for r in p.config.keep_ratios)) for p in parts}
     if len(schedules) > 1:

@@ -15,6 +15,9 @@ must beat:
   with ``B`` > ``A`` an attended token keeps what *follows* it. A question names a key, the queries attend to
   the key where the context states it, and the value comes after the key ("the uuid for KEY is: VALUE"),
   out of reach of a centred pool when key and value are 30 tokens each.
+  Within sentences (``attention:W:B:A:s``), the span stops at the sentence's ends: a token takes scores only from
+  its own sentence (a token whose text holds ``.``, ``!``, ``?`` or a newline ends one, :func:`sentence_ends`), so
+  an attended key keeps its sentence whole, value included, and no budget goes to the filler around it.
 
 (``random``, an untrained seeded scorer MLP, is built by :meth:`TokenPruner.for_model`.)
 
@@ -46,7 +49,12 @@ class Preset(NamedTuple):
 
 #: ``spread``: the attention scorer spread over 63 slots before and 15 after, at the paper's layers each one
 #: earlier (results/retention.md, "Spreading the score forward" and "The default since 2026-12-06").
-PRESETS = {"spread": Preset("attention:64:63:15", earlier_layers)}
+PRESETS = {
+    "spread": Preset("attention:64:63:15", earlier_layers),
+    "sentence": Preset("attention:64:63:15:s", earlier_layers),
+}
+#: characters whose presence in a token's text ends a sentence (:func:`sentence_ends`)
+SENTENCE_END_CHARS = ".!?\n"
 TRAINING_FREE = ("attention", "norm", *PRESETS)
 
 
@@ -64,9 +72,17 @@ class NormScorer(nn.Module):
 class AttentionScorer(nn.Module):
     """Scores each token by the attention it receives from the last ``window`` tokens in the stage layer,
     then takes the highest such score among the ``before`` slots before it and the ``after`` slots after it
-    (both 0: no pooling)."""
+    (both 0: no pooling). With ``ends`` (:func:`sentence_ends`) the span stops at sentence ends: the engine
+    then passes each slot's sentence (``segments``, :func:`segment_ids`) to :meth:`score`."""
 
-    def __init__(self, config: PrunerConfig, window: int = 8, before: int = 0, after: int = 0):
+    def __init__(
+        self,
+        config: PrunerConfig,
+        window: int = 8,
+        before: int = 0,
+        after: int = 0,
+        ends: torch.Tensor | None = None,
+    ):
         super().__init__()
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -76,6 +92,8 @@ class AttentionScorer(nn.Module):
         self.window = window
         self.before = before
         self.after = after
+        #: (vocab,) which token ids end a sentence, or None (spans cross sentences)
+        self.register_buffer("sentence_ends", ends, persistent=False)
 
     def score(
         self,
@@ -86,6 +104,7 @@ class AttentionScorer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         valid: torch.Tensor,
         protected: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
         **context,
     ) -> torch.Tensor:
         """(batch, k) mean attention probability each slot receives (the highest over its pooling span).
@@ -96,7 +115,11 @@ class AttentionScorer(nn.Module):
         ``protected`` (batch, k) marks slots every stage keeps (the first tokens, the recent tail): their
         scores lend nothing to their neighbours, since the attention they receive (the sink's, the
         recent tokens' attention to each other) says nothing about which context is worth keeping.
+        ``segments`` (batch, k): each slot's sentence (:func:`segment_ids`), required when the scorer has
+        ``sentence_ends``: the span then takes scores from the slot's own sentence only.
         """
+        if self.sentence_ends is not None and segments is None:
+            raise ValueError("a scorer within sentences needs each slot's sentence (segments=, see segment_ids)")
         attn = layer.self_attn
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         x = layer.input_layernorm(hidden_states)
@@ -118,6 +141,8 @@ class AttentionScorer(nn.Module):
         scores = (per_query * live_queries[:, :, None]).sum(1) / live_queries.sum(1, keepdim=True).clamp(min=1)
         if protected is not None and (self.before or self.after):
             scores = scores.masked_fill(protected, 0.0)
+        if self.sentence_ends is not None:
+            return segment_span_max(scores, segments, valid, self.before, self.after)
         return span_max(scores, valid, self.before, self.after)
 
 
@@ -128,6 +153,42 @@ def span_max(scores: torch.Tensor, valid: torch.Tensor, before: int, after: int)
         return scores
     span = F.pad(scores[:, None], (before, after))
     return F.max_pool1d(span, before + after + 1, stride=1)[:, 0].masked_fill(~valid, 0.0)
+
+
+def segment_span_max(
+    scores: torch.Tensor, segments: torch.Tensor, valid: torch.Tensor, before: int, after: int
+) -> torch.Tensor:
+    """:func:`span_max` within segments: each live slot's highest score among the slots up to ``before`` before
+    it and ``after`` after it that share its segment (``segments`` (batch, k), e.g. :func:`segment_ids`)."""
+    best = scores.clone()
+    k = scores.shape[1]
+    for shift in range(1, min(max(before, after), k - 1) + 1):
+        if shift <= before:  # the slot ``shift`` before each slot
+            same = segments[:, shift:] == segments[:, :-shift]
+            best[:, shift:] = torch.maximum(best[:, shift:], scores[:, :-shift].masked_fill(~same, 0.0))
+        if shift <= after:  # the slot ``shift`` after
+            same = segments[:, :-shift] == segments[:, shift:]
+            best[:, :-shift] = torch.maximum(best[:, :-shift], scores[:, shift:].masked_fill(~same, 0.0))
+    return best.masked_fill(~valid, 0.0)
+
+
+def sentence_ends(tokenizer, vocab_size: int = 0) -> torch.Tensor:
+    """(max(len(tokenizer), vocab_size),) bool: the token ids whose text contains a sentence end
+    (:data:`SENTENCE_END_CHARS`: ``.``, ``!``, ``?`` or a newline). Ids the tokenizer does not know end nothing."""
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    ends = torch.zeros(max(n, vocab_size), dtype=torch.bool)
+    ends[:n] = torch.tensor([any(c in t for c in SENTENCE_END_CHARS) for t in texts])
+    return ends
+
+
+def segment_ids(ids: torch.Tensor, valid: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(batch, k) the sentence of each slot of ``ids`` (batch, k), numbered from 0 in slot order: a token that
+    ends a sentence (``ends[id]``, :func:`sentence_ends`) belongs to it, the next token starts the next one.
+    Padding slots get -1. Computed once on the whole prompt, then gathered with the kept tokens, so a sentence
+    stays one sentence when its end token is pruned."""
+    end = ends.to(ids.device)[ids] & valid
+    return (end.long().cumsum(1) - end.long()).masked_fill(~valid, -1)
 
 
 def rank_fractions(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,18 +225,31 @@ class RankUnion(nn.Module):
         ranks = [rank_fractions(part.score(stage, hidden_states, valid=valid, **context), valid) for part in self.parts]
         return torch.stack(ranks).amax(0)
 
+    @property
+    def sentence_ends(self) -> torch.Tensor | None:
+        """The first part's sentence ends (:class:`AttentionScorer`), if any part scores within sentences."""
+        return next((p.sentence_ends for p in self.parts if getattr(p, "sentence_ends", None) is not None), None)
+
 
 def is_training_free(spec: str) -> bool:
     """Whether ``spec`` names a training-free scorer (``norm``, ``attention``, ``attention:W``, ``attention:W:P``,
-    ``attention:W:B:A`` or a name in :data:`PRESETS`)."""
+    ``attention:W:B:A``, either of the last two with ``:s``, or a name in :data:`PRESETS`)."""
     return spec.partition(":")[0] in TRAINING_FREE
 
 
-def training_free(spec: str, config: PrunerConfig) -> nn.Module:
+def needs_tokenizer(spec: str) -> bool:
+    """Whether the scorer ``spec`` names (or any part of a ``+`` union) scores within sentences (``:s``), which
+    needs the model's tokenizer (:func:`sentence_ends`)."""
+    return any(PRESETS[s].spec.endswith(":s") if s in PRESETS else s.endswith(":s") for s in spec.split("+"))
+
+
+def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: int = 0) -> nn.Module:
     """A training-free scorer by name for the schedule ``config``: ``norm``, ``attention`` (window 8, no
     pooling), ``attention:W`` (the attention of the last ``W`` tokens), ``attention:W:P`` (also max-pooled over
     ``P`` neighbouring slots, ``P`` odd: ``P // 2`` on either side) or ``attention:W:B:A`` (the highest score
-    among ``B`` slots before and ``A`` after); or a name in :data:`PRESETS` (``spread``)."""
+    among ``B`` slots before and ``A`` after); either of the last two ending in ``:s`` keeps the span inside each
+    sentence (``tokenizer`` required, ``vocab_size`` the model's); or a name in :data:`PRESETS` (``spread``,
+    ``sentence``)."""
     if spec in PRESETS:
         spec = PRESETS[spec].spec
     kind, _, arg = spec.partition(":")
@@ -183,6 +257,11 @@ def training_free(spec: str, config: PrunerConfig) -> nn.Module:
         return NormScorer(config)
     if kind == "attention":
         parts = arg.split(":") if arg else []
+        ends = None
+        if len(parts) in (3, 4) and parts[-1] == "s":
+            if tokenizer is None:
+                raise ValueError(f"{spec!r} scores within sentences and needs the model's tokenizer")
+            parts, ends = parts[:-1], sentence_ends(tokenizer, vocab_size)
         try:
             values = [int(p) for p in parts]
             if len(values) == 2:  # attention:W:P, a centred pool
@@ -192,13 +271,14 @@ def training_free(spec: str, config: PrunerConfig) -> nn.Module:
                 values = [window, pool // 2, pool // 2]
             if len(values) > 3:
                 raise ValueError("too many fields")
-            return AttentionScorer(config, *values)
+            return AttentionScorer(config, *values, ends=ends)
         except ValueError as e:
             raise ValueError(
-                f"attention:W[:P] or attention:W:B:A needs a positive integer window W, a positive odd pool P, "
-                f"and spans B, A >= 0; got {spec!r} ({e})"
+                f"attention:W[:P[:s]] or attention:W:B:A[:s] needs a positive integer window W, a positive odd pool P, "
+                f"and spans B, A >= 0 (:s: within sentences); got {spec!r} ({e})"
             ) from e
     raise ValueError(
         f"unknown training-free scorer {spec!r}; use one of {TRAINING_FREE} "
-        "(attention:W[:P] for a query window W and pooling P, attention:W:B:A for a span B before and A after)"
+        "(attention:W[:P] for a query window W and pooling P, attention:W:B:A for a span B before and A after, "
+        "either with :s to keep the span inside sentences)"
     )

@@ -194,7 +194,7 @@ class SDTPLM(HFLM):
         # LLMLingua's small LM runs in the evaluated model's dtype.
         self.compressor = _load_compressor(compress, self.compress_rate, compress_model, self.model.dtype)
         # With prune=false neither a pruner nor the engine is built: every call runs HFLM's forward.
-        self.pruner_module = load_pruner(pruner, self.model, layers, keep_ratio) if self.prune else None
+        self.pruner_module = load_pruner(pruner, self.model, layers, keep_ratio, self.tokenizer) if self.prune else None
         self.pruner_spec = getattr(self.pruner_module, "source", None) if self.prune else None
         self.engine = SDTPEngine(self.model, self.pruner_module, int(min_prompt_tokens)) if self.prune else None
         self.stats = PruningStats(self.pruner_module.config.layers if self.pruner_module else [])

@@ -478,3 +478,156 @@ def test_union_is_loaded_by_name_at_one_schedule_and_bad_unions_fail(tmp_path):
     for bad in ("attention+", "+norm", "attention+bogus:1"):
         with pytest.raises(ValueError, match="A\\+B|unknown training-free|bogus"):
             load_pruner(bad, model, layers=[1, 3])
+
+
+def test_segment_ids_number_sentences_and_end_tokens_belong_to_their_sentence():
+    """By hand: ids 7 and 9 end sentences; padding gets -1; a sentence's end token is its last member."""
+    from sdtp_core.scorers import segment_ids
+
+    ends = torch.zeros(12, dtype=torch.bool)
+    ends[[7, 9]] = True
+    ids = torch.tensor([[0, 0, 1, 2, 7, 3, 9, 9, 4, 5], [1, 7, 2, 3, 4, 5, 9, 6, 7, 8]])
+    valid = torch.tensor([[False, False] + [True] * 8, [True] * 10])
+    assert segment_ids(ids, valid, ends).tolist() == [
+        [-1, -1, 0, 0, 0, 1, 1, 2, 3, 3],
+        [0, 0, 1, 1, 1, 1, 1, 2, 2, 3],
+    ]
+
+
+def test_segment_span_max_matches_a_brute_force_maximum_within_each_sentence():
+    """Against the definition, on random scores, sentences and spans: each live slot's highest score among the
+    slots up to B before and A after it that share its sentence; padding gets 0."""
+    from sdtp_core.scorers import segment_span_max
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        k = int(torch.randint(1, 30, (1,), generator=gen))
+        before, after = (int(x) for x in torch.randint(0, 8, (2,), generator=gen))
+        scores = torch.rand(2, k, generator=gen)
+        segments = torch.randint(0, 4, (2, k), generator=gen).sort(1).values
+        valid = torch.rand(2, k, generator=gen) > 0.2
+        expected = torch.zeros(2, k)
+        for r in range(2):
+            for j in range(k):
+                if valid[r, j]:
+                    span = range(max(0, j - before), min(k, j + after + 1))
+                    expected[r, j] = max(scores[r, i] for i in span if segments[r, i] == segments[r, j])
+        torch.testing.assert_close(segment_span_max(scores, segments, valid, before, after), expected)
+
+
+def test_within_sentences_an_attended_key_keeps_its_sentence_and_not_the_next():
+    """A hand-made key/value case: the queries attend to a key (slots 4-5) whose sentence is slots 2-9 (value
+    6-9). The plain spread of 6 before and 4 after also lifts slots 10-13 of the next sentence, and a stage keeping
+    8 tokens cuts into the value's sentence tie by slot order; within sentences it keeps exactly slots 2-9."""
+    from sdtp_core.scorers import segment_span_max, span_max
+    from sdtp_core.selection import select
+
+    scores = torch.full((1, 20), 0.01)
+    scores[0, 4:6] = 1.0
+    scores[0, ::3] += 0.001
+    valid = torch.ones(1, 20, dtype=torch.bool)
+    segments = torch.tensor([[0, 0] + [1] * 8 + [2] * 10])
+    keep, none = torch.tensor([8]), torch.zeros_like(valid)
+    within, _ = select(segment_span_max(scores, segments, valid, 6, 4), valid, none, keep)
+    assert within[0].tolist() == list(range(2, 10))
+    plain, _ = select(span_max(scores, valid, 6, 4), valid, none, keep)
+    assert plain[0].tolist() != list(range(2, 10))
+
+
+def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every_stage():
+    """``segments`` at each stage is the sentence numbering of the whole prompt, gathered to the surviving slots
+    (so pruning a sentence's end token does not merge it with the next); left padding gets -1."""
+    from sdtp_core.scorers import AttentionScorer, segment_ids
+
+    model = tiny_model()
+    base = load_pruner_for_test("attention:8:6:2", model)
+    ends = torch.zeros(96, dtype=torch.bool)
+    ends[::7] = True
+    scorer = AttentionScorer(base.config, 8, 6, 2, ends=ends)
+    seen = []
+    score = scorer.score
+
+    def recording(stage, hidden, **context):
+        seen.append((context["segments"].clone(), context["positions"].clone(), context["valid"].clone()))
+        return score(stage, hidden, **context)
+
+    scorer.score = recording
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0  # a left-padded row
+    SDTPEngine(model, scorer).prefill(ids, attention_mask=mask)
+    assert len(seen) == 3
+    for row in range(2):
+        real = ids[row][mask[row].bool()]
+        whole = segment_ids(real[None], torch.ones(1, len(real), dtype=torch.bool), ends)[0]
+        for segments, positions, valid in seen:
+            assert segments[row][valid[row]].tolist() == whole[positions[row][valid[row]]].tolist()
+            assert bool((segments[row][~valid[row]] == -1).all())
+    assert seen[-1][2][0].sum() < 40  # tokens were pruned, so the gathering was exercised
+    with pytest.raises(ValueError, match="sentence"):  # called without them: a clear error
+        AttentionScorer(base.config, 8, 6, 2, ends=ends).score(
+            0, torch.zeros(1, 3, 64), layer=None, position_embeddings=None, valid=None
+        )
+
+
+def load_pruner_for_test(spec, model):
+    from sdtp_core.loading import load_pruner
+
+    return load_pruner(spec, model, layers=[1, 3, 4], keep_ratio=0.7)
+
+
+def test_sentence_preset_reads_sentence_ends_from_the_tokenizer(tiny_hf_dir):
+    """``sentence`` = ``attention:64:63:15:s`` at the spread's layers; its sentence ends come from the model's
+    tokenizer (passed, or the one saved beside the weights); without either it fails clearly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from sdtp_core.config import earlier_layers
+    from sdtp_core.loading import load_pruner
+    from sdtp_core.scorers import sentence_ends
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    ends = sentence_ends(tokenizer, 151936)
+    ids = tokenizer.encode("The uuid for abc is: def.\nThe grass is green. Here!")
+    assert [tokenizer.decode([i]) for i, end in zip(ids, ends[ids].tolist(), strict=True) if end] == [".\n", ".", "!"]
+    assert ends.shape == (151936,) and not ends[len(tokenizer) :].any()
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir)
+    scorer = load_pruner("sentence", model, layers=[1, 3])  # the tokenizer saved beside the weights
+    assert (scorer.window, scorer.before, scorer.after) == (64, 63, 15)
+    assert torch.equal(scorer.sentence_ends[: len(tokenizer)], ends[: len(tokenizer)])
+    deeper = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "num_hidden_layers": 16})).eval()
+    assert load_pruner("sentence", deeper, tokenizer=tokenizer).config.layers == earlier_layers(16)
+    assert load_pruner("attention:8:5:s", model, layers=[1, 3], tokenizer=tokenizer).before == 2
+    assert load_pruner("sentence+attention", model, layers=[1, 3], tokenizer=tokenizer).sentence_ends is not None
+    out = SDTPEngine(model, scorer).prefill(torch.tensor([ids * 4]))
+    assert out.kept_counts[0, -1] < len(ids) * 4
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_pruner("sentence", tiny_model(), layers=[1, 3])
+
+
+def test_attention_scorer_within_sentences_takes_the_maximum_of_its_own_sentence_only():
+    """attention:W:B:A:s on a real layer: the plain scores (protected ones zeroed), maximised by hand over the
+    span's slots of the same sentence; without sentence ends the same scorer crosses sentences."""
+    from sdtp_core.scorers import AttentionScorer
+
+    model = tiny_model(attn="eager")
+    layer = model.model.layers[2]
+    torch.manual_seed(3)
+    n, before, after = 18, 5, 2
+    hidden = torch.randn(1, n, 64)
+    rope = model.model.rotary_emb(hidden, torch.arange(n).unsqueeze(0))
+    valid = torch.ones(1, n, dtype=torch.bool)
+    protected = torch.zeros(1, n, dtype=torch.bool)
+    protected[0, 0] = protected[0, -2:] = True
+    segments = torch.tensor([[0] * 3 + [1] * 4 + [2] * 6 + [3] * 5])
+    kwargs = dict(layer=layer, position_embeddings=rope, valid=valid, protected=protected, segments=segments)
+    ends = torch.zeros(96, dtype=torch.bool)  # only marks the scorer as within sentences: segments are given
+    with torch.no_grad():
+        plain = AttentionScorer(None, window=4).score(2, hidden, **kwargs)[0].masked_fill(protected[0], 0.0)
+        got = AttentionScorer(None, window=4, before=before, after=after, ends=ends).score(2, hidden, **kwargs)[0]
+        crossing = AttentionScorer(None, window=4, before=before, after=after).score(2, hidden, **kwargs)[0]
+    seg = segments[0]
+    expected = torch.stack(
+        [max(plain[j] for j in range(max(0, i - before), min(n, i + after + 1)) if seg[j] == seg[i]) for i in range(n)]
+    )
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(got, crossing)  # this case tells the two apart

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     layers = [int(x) for x in args.layers.split(":")] if args.layers else None
-    engines = {spec: SDTPEngine(model, load_pruner(spec, model, layers)) for spec in args.pruners}
+    engines = {spec: SDTPEngine(model, load_pruner(spec, model, layers, tokenizer=tokenizer)) for spec in args.pruners}
     report = {
         "command": "python -m sdtp_eval.retention.ruler_survival "
         + shlex.join(argv if argv is not None else sys.argv[1:]),
