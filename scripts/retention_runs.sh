@@ -25,6 +25,7 @@
 # these three ran before protected tokens stopped lending their scores to the span, commit a7b01d9 and earlier),
 # spread_odd2 (spread_odd since protected tokens lend nothing: the default scorer, at every prompt length),
 # sentence (the sentence preset, attention:64:63:15:s at the same odd layers: the span stays inside each sentence),
+# line (the line preset, attention:64:63:15:l: inside each line),
 # late_spread (spread at the 8 odd layers from 7, keep 0.835), long (a pruner trained on long inputs, directory
 # $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only
 # (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
@@ -77,6 +78,7 @@ declare -A ARGS=(
   [spread31_odd]="pruner=attention:64:31:7,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread_odd2]="pruner=attention:64:63:15,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [sentence]="pruner=sentence,min_prompt_tokens=0"
+  [line]="pruner=line,min_prompt_tokens=0"
   [spread_union_odd]="pruner=attention:64:63:15+attention,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [late_spread]="pruner=attention:64:63:15,layers=7:9:11:13:15:17:19:21,keep_ratio=0.835,min_prompt_tokens=0"
   [long]="pruner=${LONG_PRUNER:-$RUNS/train_long/pruner},min_prompt_tokens=0"

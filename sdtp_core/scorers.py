@@ -17,7 +17,8 @@ must beat:
   out of reach of a centred pool when key and value are 30 tokens each.
   Within sentences (``attention:W:B:A:s``), the span stops at the sentence's ends: a token takes scores only from
   its own sentence (a token whose text holds ``.``, ``!``, ``?`` or a newline ends one, :func:`sentence_ends`), so
-  an attended key keeps its sentence whole, value included, and no budget goes to the filler around it.
+  an attended key keeps its sentence whole, value included, and no budget goes to the filler around it. Within
+  lines (``:l``), only a newline ends the unit.
 
 (``random``, an untrained seeded scorer MLP, is built by :meth:`TokenPruner.for_model`.)
 
@@ -48,13 +49,19 @@ class Preset(NamedTuple):
 
 
 #: ``spread``: the attention scorer spread over 63 slots before and 15 after, at the paper's layers each one
-#: earlier (results/retention.md, "Spreading the score forward" and "The default since 2026-12-06").
+#: earlier (results/retention.md, "Spreading the score forward" and "The default since 2026-12-06");
+#: ``sentence`` / ``line``: the same with the span kept inside each sentence / line (results/retention.md,
+#: "Within sentences or lines").
 PRESETS = {
     "spread": Preset("attention:64:63:15", earlier_layers),
     "sentence": Preset("attention:64:63:15:s", earlier_layers),
+    "line": Preset("attention:64:63:15:l", earlier_layers),
 }
 #: characters whose presence in a token's text ends a sentence (:func:`sentence_ends`)
 SENTENCE_END_CHARS = ".!?\n"
+#: the spec suffix of a scorer whose span stays inside a unit -> the characters that end the unit:
+#: ``:s`` sentences, ``:l`` lines
+UNIT_ENDS = {"s": SENTENCE_END_CHARS, "l": "\n"}
 TRAINING_FREE = ("attention", "norm", *PRESETS)
 
 
@@ -172,13 +179,14 @@ def segment_span_max(
     return best.masked_fill(~valid, 0.0)
 
 
-def sentence_ends(tokenizer, vocab_size: int = 0) -> torch.Tensor:
-    """(max(len(tokenizer), vocab_size),) bool: the token ids whose text contains a sentence end
-    (:data:`SENTENCE_END_CHARS`: ``.``, ``!``, ``?`` or a newline). Ids the tokenizer does not know end nothing."""
+def sentence_ends(tokenizer, vocab_size: int = 0, chars: str = SENTENCE_END_CHARS) -> torch.Tensor:
+    """(max(len(tokenizer), vocab_size),) bool: the token ids whose text contains one of ``chars`` (default
+    :data:`SENTENCE_END_CHARS`: ``.``, ``!``, ``?`` or a newline; ``"\n"`` for lines). Ids the tokenizer does not
+    know end nothing."""
     n = len(tokenizer)
     texts = tokenizer.batch_decode([[i] for i in range(n)])
     ends = torch.zeros(max(n, vocab_size), dtype=torch.bool)
-    ends[:n] = torch.tensor([any(c in t for c in SENTENCE_END_CHARS) for t in texts])
+    ends[:n] = torch.tensor([any(c in t for c in chars) for t in texts])
     return ends
 
 
@@ -233,23 +241,24 @@ class RankUnion(nn.Module):
 
 def is_training_free(spec: str) -> bool:
     """Whether ``spec`` names a training-free scorer (``norm``, ``attention``, ``attention:W``, ``attention:W:P``,
-    ``attention:W:B:A``, either of the last two with ``:s``, or a name in :data:`PRESETS`)."""
+    ``attention:W:B:A``, either of the last two with ``:s`` or ``:l``, or a name in :data:`PRESETS`)."""
     return spec.partition(":")[0] in TRAINING_FREE
 
 
 def needs_tokenizer(spec: str) -> bool:
-    """Whether the scorer ``spec`` names (or any part of a ``+`` union) scores within sentences (``:s``), which
-    needs the model's tokenizer (:func:`sentence_ends`)."""
-    return any(PRESETS[s].spec.endswith(":s") if s in PRESETS else s.endswith(":s") for s in spec.split("+"))
+    """Whether the scorer ``spec`` names (or any part of a ``+`` union) scores within sentences or lines (``:s``,
+    ``:l``), which needs the model's tokenizer (:func:`sentence_ends`)."""
+    specs = [PRESETS[s].spec if s in PRESETS else s for s in spec.split("+")]
+    return any(s.startswith("attention:") and s.rpartition(":")[2] in UNIT_ENDS for s in specs)
 
 
 def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: int = 0) -> nn.Module:
     """A training-free scorer by name for the schedule ``config``: ``norm``, ``attention`` (window 8, no
     pooling), ``attention:W`` (the attention of the last ``W`` tokens), ``attention:W:P`` (also max-pooled over
     ``P`` neighbouring slots, ``P`` odd: ``P // 2`` on either side) or ``attention:W:B:A`` (the highest score
-    among ``B`` slots before and ``A`` after); either of the last two ending in ``:s`` keeps the span inside each
-    sentence (``tokenizer`` required, ``vocab_size`` the model's); or a name in :data:`PRESETS` (``spread``,
-    ``sentence``)."""
+    among ``B`` slots before and ``A`` after); either of the last two ending in ``:s`` (``:l``) keeps the span
+    inside each sentence (line) (``tokenizer`` required, ``vocab_size`` the model's); or a name in
+    :data:`PRESETS` (``spread``, ``sentence``, ``line``)."""
     if spec in PRESETS:
         spec = PRESETS[spec].spec
     kind, _, arg = spec.partition(":")
@@ -258,10 +267,10 @@ def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: i
     if kind == "attention":
         parts = arg.split(":") if arg else []
         ends = None
-        if len(parts) in (3, 4) and parts[-1] == "s":
+        if len(parts) in (3, 4) and parts[-1] in UNIT_ENDS:
             if tokenizer is None:
-                raise ValueError(f"{spec!r} scores within sentences and needs the model's tokenizer")
-            parts, ends = parts[:-1], sentence_ends(tokenizer, vocab_size)
+                raise ValueError(f"{spec!r} scores within sentences or lines and needs the model's tokenizer")
+            parts, ends = parts[:-1], sentence_ends(tokenizer, vocab_size, UNIT_ENDS[parts[-1]])
         try:
             values = [int(p) for p in parts]
             if len(values) == 2:  # attention:W:P, a centred pool
@@ -275,7 +284,7 @@ def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: i
         except ValueError as e:
             raise ValueError(
                 f"attention:W[:P[:s]] or attention:W:B:A[:s] needs a positive integer window W, a positive odd pool P, "
-                f"and spans B, A >= 0 (:s: within sentences); got {spec!r} ({e})"
+                f"and spans B, A >= 0 (:s within sentences, :l within lines); got {spec!r} ({e})"
             ) from e
     raise ValueError(
         f"unknown training-free scorer {spec!r}; use one of {TRAINING_FREE} "

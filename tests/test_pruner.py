@@ -578,7 +578,8 @@ def load_pruner_for_test(spec, model):
 
 def test_sentence_preset_reads_sentence_ends_from_the_tokenizer(tiny_hf_dir):
     """``sentence`` = ``attention:64:63:15:s`` at the spread's layers; its sentence ends come from the model's
-    tokenizer (passed, or the one saved beside the weights); without either it fails clearly."""
+    tokenizer (passed, or the one saved beside the weights); without either it fails clearly. ``line``
+    (``:l``) ends units at newlines only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from sdtp_core.config import earlier_layers
@@ -598,6 +599,9 @@ def test_sentence_preset_reads_sentence_ends_from_the_tokenizer(tiny_hf_dir):
     assert load_pruner("sentence", deeper, tokenizer=tokenizer).config.layers == earlier_layers(16)
     assert load_pruner("attention:8:5:s", model, layers=[1, 3], tokenizer=tokenizer).before == 2
     assert load_pruner("sentence+attention", model, layers=[1, 3], tokenizer=tokenizer).sentence_ends is not None
+    line = load_pruner("line", model, layers=[1, 3], tokenizer=tokenizer)  # only a newline ends a line
+    assert [tokenizer.decode([i]) for i in ids if line.sentence_ends[i]] == [".\n"]
+    assert (line.before, line.after) == (63, 15)
     out = SDTPEngine(model, scorer).prefill(torch.tensor([ids * 4]))
     assert out.kept_counts[0, -1] < len(ids) * 4
     with pytest.raises(ValueError, match="tokenizer"):
