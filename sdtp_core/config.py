@@ -31,7 +31,7 @@ def default_layers(num_layers: int, num_stages: int = 10, start: int = 4) -> lis
 def earlier_layers(num_layers: int, num_stages: int = 10, start: int = 4) -> list[int]:
     """:func:`default_layers`, each stage one layer earlier: for a 24-layer model 3, 5, ..., 21.
 
-    The schedule of the ``spread`` scorer: on the embedded model the spread attention scores find the
+    The schedule of the ``spread`` and ``line`` scorers: on the embedded model the spread attention scores find the
     multi-key needles' values at odd layers, not at the even default ones (results/ruler_layers_2k.md).
     """
     return [layer - 1 for layer in default_layers(num_layers, num_stages, start)]

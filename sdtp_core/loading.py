@@ -28,13 +28,12 @@ RANDOM_PRUNER = "random"
 SHIPPED_PRUNER = "shipped"
 #: Joins pruner specs into a :class:`~sdtp_core.scorers.RankUnion` (``shipped+attention``).
 UNION = "+"
-#: The scorer used when none is named: ``spread`` (``attention:64:63:15`` at :func:`~sdtp_core.config.earlier_layers`).
-#: Measured on the embedded model (results/retention.md, "The default since 2026-12-06") against the plain
-#: attention scorer, the default before it, at 1/τ 1.59 vs 1.53: RULER 1K 0.67 vs 0.61, 2K 0.72 vs 0.50, 4K 0.74
-#: vs 0.49 (dense 0.94, 0.83, 0.78); LongBench generation at the dense level (24.1 vs 24.3; attention 20.9); the
-#: needle sweeps whole; answer NLL +0.19 vs +0.10 nats/token over dense (their difference not separable from 0).
-#: The shipped trained pruner is far below both on retrieval; ``pruner=shipped`` selects it.
-DEFAULT_PRUNER = "spread"
+#: The scorer used when none is named: ``line`` (``attention:64:95:15:l`` at :func:`~sdtp_core.config.earlier_layers`:
+#: the attention of the last 64 tokens, each token taking the highest score among the 95 slots before it and 15 after
+#: it on its own line). Measured on the embedded model at 1/τ 1.59 (results/retention.md, "Within lines"): RULER 2K
+#: 0.79 (dense 0.83; ``spread``, the default before it, 0.72; plain attention 0.50). The shipped trained pruner is far
+#: below on retrieval; ``pruner=shipped`` selects it, ``pruner=spread`` and ``pruner=attention`` the earlier defaults.
+DEFAULT_PRUNER = "line"
 #: Prompts shorter than this run dense in the lm-eval ``sdtp`` model (``min_prompt_tokens``). Measured on
 #: the embedded model (results/short_prompt_speed.md, batch 1, attention scorer): below 256 tokens pruning
 #: saves at most 1.16x (bf16) / 1.42x (fp32) of a prefill that already takes < 0.8 s, while short prompts
@@ -132,16 +131,17 @@ def load_pruner(
     fits its architecture, a warning if its weights differ from the model it was trained on);
     ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
     ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens, ``"attention:W:P"`` pooled over ``P``
-    slots, ``"attention:W:B:A"`` over ``B`` slots before and ``A`` after), ``"spread"`` (``attention:64:63:15``
-    at its own default layers, :data:`~sdtp_core.scorers.PRESETS`) or ``"norm"`` (training-free scorers,
+    slots, ``"attention:W:B:A"`` over ``B`` slots before and ``A`` after, ``:s`` / ``:l`` appended: not crossing a
+    sentence / line end), ``"line"`` (``attention:64:95:15:l``) and ``"spread"`` (``attention:64:63:15``), both
+    at their own default layers (:data:`~sdtp_core.scorers.PRESETS`), or ``"norm"`` (training-free scorers,
     :mod:`sdtp_core.scorers`); ``"saliency"`` (the answer-aware oracle of :mod:`sdtp_core.oracle`,
     analysis only); ``A+B`` (a :class:`~sdtp_core.scorers.RankUnion`: what either ranks high, e.g.
     ``shipped+attention``); or ``None``
     (:data:`DEFAULT_PRUNER`, for every model).
     ``layers`` / ``keep_ratio`` override the schedule; with a trained pruner only a keep ratio change
     is allowed (its scorers are tied to their layers). ``tokenizer`` (the model's) is what scorers within
-    sentences (``sentence``, ``attention:…:s``) read sentence ends from; without it, the one saved beside the
-    model's weights is loaded.
+    sentences or lines (``line``, ``attention:…:s``, ``attention:…:l``) read their ends from; without it, the
+    one saved beside the model's weights is loaded.
     """
     from .config import PrunerConfig, geometric_keep_ratios
 
@@ -201,7 +201,7 @@ def _saved_tokenizer(model):
 def _load_union(spec: str, model, layers: list[int] | None, keep_ratio: float | None, tokenizer=None) -> RankUnion:
     """``A+B[+...]``: a :class:`~sdtp_core.scorers.RankUnion` of the named pruners at one schedule. Without
     ``layers``, the first trained pruner named fixes the schedule (its scorers are tied to their layers) and
-    the training-free scorers take it; without a trained one, a named preset's schedule (``spread``) does."""
+    the training-free scorers take it; without a trained one, a named preset's schedule (``line``, ``spread``) does."""
     specs = spec.split(UNION)
     if len(specs) < 2 or not all(specs):
         raise ValueError(f"a union of pruners is written A+B (e.g. shipped+attention), got {spec!r}")

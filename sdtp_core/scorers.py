@@ -50,12 +50,11 @@ class Preset(NamedTuple):
 
 #: ``spread``: the attention scorer spread over 63 slots before and 15 after, at the paper's layers each one
 #: earlier (results/retention.md, "Spreading the score forward" and "The default since 2026-12-06");
-#: ``sentence`` / ``line``: the same with the span kept inside each sentence / line (results/retention.md,
-#: "Within sentences or lines").
+#: ``line``: spread over 95 slots before and 15 after without crossing a newline, at the same layers
+#: (results/retention.md, "Within lines").
 PRESETS = {
     "spread": Preset("attention:64:63:15", earlier_layers),
-    "sentence": Preset("attention:64:63:15:s", earlier_layers),
-    "line": Preset("attention:64:63:15:l", earlier_layers),
+    "line": Preset("attention:64:95:15:l", earlier_layers),
 }
 #: characters whose presence in a token's text ends a sentence (:func:`sentence_ends`)
 SENTENCE_END_CHARS = ".!?\n"
@@ -258,7 +257,7 @@ def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: i
     ``P`` neighbouring slots, ``P`` odd: ``P // 2`` on either side) or ``attention:W:B:A`` (the highest score
     among ``B`` slots before and ``A`` after); either of the last two ending in ``:s`` (``:l``) keeps the span
     inside each sentence (line) (``tokenizer`` required, ``vocab_size`` the model's); or a name in
-    :data:`PRESETS` (``spread``, ``sentence``, ``line``)."""
+    :data:`PRESETS` (``spread``, ``line``)."""
     if spec in PRESETS:
         spec = PRESETS[spec].spec
     kind, _, arg = spec.partition(":")

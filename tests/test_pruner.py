@@ -184,7 +184,7 @@ def test_fingerprint_recognises_the_same_weights_up_to_quantization_noise_only()
     assert not fingerprint.matches(tiny_model("llama", seed=0), reference)  # other architecture
 
 
-def test_shipped_pruner_follows_the_model_identity_and_the_default_is_spread(tmp_path, monkeypatch, caplog):
+def test_shipped_pruner_follows_the_model_identity(tmp_path, monkeypatch, caplog):
     from sdtp_core import fingerprint, loading
 
     model = tiny_model(seed=0)
@@ -195,7 +195,6 @@ def test_shipped_pruner_follows_the_model_identity_and_the_default_is_spread(tmp
     layers = [1, 3, 4]  # the tiny pruner's stages
     assert loading.shipped_pruner_dir(model) == shipped
     assert loading.load_pruner("shipped", model, layers).source == str(shipped)
-    assert loading.load_pruner(None, model, layers).source == "spread"  # the measured-best scorer
     other = tiny_model(seed=1)
     assert loading.shipped_pruner_dir(other) is None
     assert loading.load_pruner("shipped", other, layers).source == str(shipped)  # explicit: loaded, with a warning
@@ -204,8 +203,8 @@ def test_shipped_pruner_follows_the_model_identity_and_the_default_is_spread(tmp
 
 
 def test_spread_is_the_attention_scorer_spread_63_back_15_ahead_at_the_earlier_layers():
-    """``spread`` (the default) = ``attention:64:63:15`` at the paper's layers each one earlier; ``layers`` still
-    overrides them, and a union of training-free scorers naming it takes its schedule."""
+    """``spread`` (the default before ``line``) = ``attention:64:63:15`` at the paper's layers each one earlier;
+    ``layers`` still overrides them, and a union of training-free scorers naming it takes its schedule."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from sdtp_core.config import default_layers, earlier_layers
@@ -215,7 +214,7 @@ def test_spread_is_the_attention_scorer_spread_63_back_15_ahead_at_the_earlier_l
     assert earlier_layers(24) == [3, 5, 7, 9, 11, 13, 15, 17, 19, 21]  # the embedded model's 24 layers
     assert earlier_layers(28) == [layer - 1 for layer in default_layers(28)]
     model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "num_hidden_layers": 16})).eval()
-    default = load_pruner(None, model)
+    default = load_pruner("spread", model)
     by_hand = [3, 4, 5, 7, 8, 9, 10, 11, 13, 14]  # 4 + round(1.2 i) for i < 10, each minus one
     assert default.source == "spread" and default.config.layers == earlier_layers(16) == by_hand
     assert (default.window, default.before, default.after) == (64, 63, 15)
@@ -576,10 +575,10 @@ def load_pruner_for_test(spec, model):
     return load_pruner(spec, model, layers=[1, 3, 4], keep_ratio=0.7)
 
 
-def test_sentence_preset_reads_sentence_ends_from_the_tokenizer(tiny_hf_dir):
-    """``sentence`` = ``attention:64:63:15:s`` at the spread's layers; its sentence ends come from the model's
-    tokenizer (passed, or the one saved beside the weights); without either it fails clearly. ``line``
-    (``:l``) ends units at newlines only."""
+def test_the_default_line_reads_line_ends_from_the_tokenizer(tiny_hf_dir):
+    """The default, ``line`` = ``attention:64:95:15:l`` at the spread's layers: only a newline ends its unit;
+    ``:s`` also ends one at ``.``, ``!``, ``?``. Ends come from the model's tokenizer (passed, or the one saved
+    beside the weights); without either, a clear error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from sdtp_core.config import earlier_layers
@@ -592,20 +591,19 @@ def test_sentence_preset_reads_sentence_ends_from_the_tokenizer(tiny_hf_dir):
     assert [tokenizer.decode([i]) for i, end in zip(ids, ends[ids].tolist(), strict=True) if end] == [".\n", ".", "!"]
     assert ends.shape == (151936,) and not ends[len(tokenizer) :].any()
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir)
-    scorer = load_pruner("sentence", model, layers=[1, 3])  # the tokenizer saved beside the weights
-    assert (scorer.window, scorer.before, scorer.after) == (64, 63, 15)
-    assert torch.equal(scorer.sentence_ends[: len(tokenizer)], ends[: len(tokenizer)])
-    deeper = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "num_hidden_layers": 16})).eval()
-    assert load_pruner("sentence", deeper, tokenizer=tokenizer).config.layers == earlier_layers(16)
-    assert load_pruner("attention:8:5:s", model, layers=[1, 3], tokenizer=tokenizer).before == 2
-    assert load_pruner("sentence+attention", model, layers=[1, 3], tokenizer=tokenizer).sentence_ends is not None
-    line = load_pruner("line", model, layers=[1, 3], tokenizer=tokenizer)  # only a newline ends a line
+    line = load_pruner(None, model, layers=[1, 3])  # the tokenizer saved beside the weights
+    assert line.source == "line" and (line.window, line.before, line.after) == (64, 95, 15)
     assert [tokenizer.decode([i]) for i in ids if line.sentence_ends[i]] == [".\n"]
-    assert (line.before, line.after) == (63, 15)
-    out = SDTPEngine(model, scorer).prefill(torch.tensor([ids * 4]))
+    deeper = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "num_hidden_layers": 16})).eval()
+    assert load_pruner(None, deeper, tokenizer=tokenizer).config.layers == earlier_layers(16)
+    sentence = load_pruner("attention:64:63:15:s", model, layers=[1, 3], tokenizer=tokenizer)
+    assert torch.equal(sentence.sentence_ends[: len(tokenizer)], ends[: len(tokenizer)])
+    assert load_pruner("attention:8:5:s", model, layers=[1, 3], tokenizer=tokenizer).before == 2
+    assert load_pruner("line+attention", model, layers=[1, 3], tokenizer=tokenizer).sentence_ends is not None
+    out = SDTPEngine(model, line).prefill(torch.tensor([ids * 4]))
     assert out.kept_counts[0, -1] < len(ids) * 4
     with pytest.raises(ValueError, match="tokenizer"):
-        load_pruner("sentence", tiny_model(), layers=[1, 3])
+        load_pruner(None, tiny_model(), layers=[1, 3])
 
 
 def test_attention_scorer_within_sentences_takes_the_maximum_of_its_own_sentence_only():

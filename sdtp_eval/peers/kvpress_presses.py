@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--pruner",
         default=None,
-        help="a pruner directory, shipped, spread, attention, norm or random (default: the package default, spread)",
+        help="a pruner directory, shipped, line, spread, attention, norm or random (default: the package's, line)",
     )
     parser.add_argument("--presses", nargs="+", default=list(PRESSES))
     parser.add_argument("--ratio", type=float, default=0.5, help="press compression ratio (fraction removed)")
