@@ -165,17 +165,30 @@ def segment_span_max(
     scores: torch.Tensor, segments: torch.Tensor, valid: torch.Tensor, before: int, after: int
 ) -> torch.Tensor:
     """:func:`span_max` within segments: each live slot's highest score among the slots up to ``before`` before
-    it and ``after`` after it that share its segment (``segments`` (batch, k), e.g. :func:`segment_ids`)."""
-    best = scores.clone()
-    k = scores.shape[1]
-    for shift in range(1, min(max(before, after), k - 1) + 1):
-        if shift <= before:  # the slot ``shift`` before each slot
-            same = segments[:, shift:] == segments[:, :-shift]
-            best[:, shift:] = torch.maximum(best[:, shift:], scores[:, :-shift].masked_fill(~same, 0.0))
-        if shift <= after:  # the slot ``shift`` after
-            same = segments[:, :-shift] == segments[:, shift:]
-            best[:, :-shift] = torch.maximum(best[:, :-shift], scores[:, shift:].masked_fill(~same, 0.0))
-    return best.masked_fill(~valid, 0.0)
+    it and ``after`` after it that share its segment (``segments`` (batch, k), each segment a run of consecutive
+    slots, as :func:`segment_ids` numbers them); padding slots get 0.
+
+    A range-maximum query: maxima over power-of-two windows (``log2(before + after + 1)`` max-pools), then each
+    slot's clipped window ``[max(j - before, start), min(j + after, end)]`` is covered by two of them. A fixed
+    handful of tensor operations, whatever the span."""
+    batch, k = scores.shape
+    slot = torch.arange(k, device=scores.device).expand(batch, k)
+    starts = segments != F.pad(segments, (1, 0), value=-2)[:, :-1]  # first slot of a segment
+    ends = segments != F.pad(segments, (0, 1), value=-2)[:, 1:]  # last slot of a segment
+    first = torch.where(starts, slot, 0).cummax(1).values
+    last = torch.where(ends, slot, k - 1).flip(1).cummin(1).values.flip(1)
+    lo = torch.maximum(slot - before, first)
+    hi = torch.minimum(slot + after, last)
+    levels = [scores]  # levels[l][:, i] = max(scores[:, i : i + 2**l])
+    while 2 ** len(levels) <= before + after + 1:
+        width = 2 ** (len(levels) - 1)
+        prev = levels[-1]
+        levels.append(torch.maximum(prev, F.pad(prev[:, width:], (0, min(width, k)))))
+    table = torch.stack(levels, 1).flatten(1)  # (batch, levels * k)
+    level = torch.log2((hi - lo + 1).float()).floor().long()
+    left = table.gather(1, level * k + lo)
+    right = table.gather(1, level * k + hi - (1 << level) + 1)
+    return torch.maximum(left, right).masked_fill(~valid, 0.0)
 
 
 def sentence_ends(tokenizer, vocab_size: int = 0, chars: str = SENTENCE_END_CHARS) -> torch.Tensor:
