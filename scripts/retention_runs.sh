@@ -15,7 +15,8 @@
 #
 # Configurations: dense, default (the package's defaults until 2026-12-06, spelled out: attention scorer, prompts
 # under 256 tokens dense), spread_default (the defaults since: the spread scorer at its layers, prompts under 256
-# dense), sdtp (the shipped trained pruner), attention, attention64 (its query window 64 instead of 8), pooled
+# dense), line_default (the defaults since 2026-12-06 evening: the line scorer, prompts under 256 dense), sdtp
+# (the shipped trained pruner), attention, attention64 (its query window 64 instead of 8), pooled
 # (window 64, scores max-pooled over 31 slots), late_pooled (pooled, with 8 stages from
 # layer 8 at keep 0.835 instead of 10 from layer 4 at 0.9: the same 1/tau 1.53), odd and pooled_odd (attention and
 # pooled at the 10 odd layers 3, 5, ..., 21 instead of 4, 6, ..., 22: one layer earlier each; pooled_union_odd: there,
@@ -67,6 +68,7 @@ declare -A ARGS=(
   [dense]="prune=false"
   [default]="pruner=attention,min_prompt_tokens=256"
   [spread_default]="pruner=spread,min_prompt_tokens=256"
+  [line_default]="pruner=line,min_prompt_tokens=256"
   [sdtp]="pruner=shipped,min_prompt_tokens=0"
   [attention]="pruner=attention,min_prompt_tokens=0"
   [attention64]="pruner=attention:64,min_prompt_tokens=0"
