@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, _ = load_model(args.model, args.dtype, args.device, args.attn)
-    pruner = load_pruner(args.pruner, model, keep_ratio=args.keep_ratio)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.attn)
+    pruner = load_pruner(args.pruner, model, keep_ratio=args.keep_ratio, tokenizer=tokenizer)
     engine = SDTPEngine(model, pruner)
     command = "python -m sdtp_core.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     settings = {

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
     model.requires_grad_(False)
-    pruner = load_pruner(args.pruner, model)
+    pruner = load_pruner(args.pruner, model, tokenizer=tokenizer)
     examples = load_examples(
         args.data,
         tokenizer,

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     model, tok = load_model(args.model, args.dtype, "cpu", "sdpa")
-    engine = SDTPEngine(model, load_pruner(args.pruner, model))
+    engine = SDTPEngine(model, load_pruner(args.pruner, model, tokenizer=tok))
     context_text, question_text = passkey_prompt(tok, args.length, args.depth)
     context = tok(context_text, add_special_tokens=False).input_ids
     question = tok(question_text, add_special_tokens=False).input_ids

@@ -329,12 +329,12 @@ def main(argv: list[str] | None = None) -> dict:
     from sdtp_core.loading import load_model, load_pruner
 
     model, tok = load_model(args.model, args.dtype, "cpu", "sdpa")
-    engine = SDTPEngine(model, load_pruner(args.pruner, model))
+    engine = SDTPEngine(model, load_pruner(args.pruner, model, tokenizer=tok))
     lengths = sorted(args.lengths)
     docs = documents(tok, args.dataset, lengths[-1] + args.continuation, args.docs)
     plan = methods(presses, sdtp_low=args.sdtp_low is not None, llmlingua=args.llmlingua is not None)
     engines = (
-        {SDTP_LOW: SDTPEngine(model, load_pruner(args.pruner, model, keep_ratio=args.sdtp_low))}
+        {SDTP_LOW: SDTPEngine(model, load_pruner(args.pruner, model, keep_ratio=args.sdtp_low, tokenizer=tok))}
         if args.sdtp_low
         else {}
     )

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for (ids, needle, depth), answer in tqdm(list(zip(inputs, answers)), desc="saliency (oracle)")
             ]
         else:
-            pruner = load_pruner(spec, model)
+            pruner = load_pruner(spec, model, tokenizer=tokenizer)
             schedule = pruner.config
             engine = SDTPEngine(model, pruner)
             rows = [(depth, follow(engine, ids, needle)) for ids, needle, depth in tqdm(inputs, desc=f"pruner={spec}")]

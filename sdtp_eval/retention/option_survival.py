@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pruners": {},
     }
     for spec in args.pruners:
-        engine = SDTPEngine(model, load_pruner(spec, model))
+        engine = SDTPEngine(model, load_pruner(spec, model, tokenizer=tokenizer))
         rows = [
             survival(engine, tokenizer, doc["sentence"], doc[key])
             for doc in tqdm(docs, desc=f"pruner={spec}")
