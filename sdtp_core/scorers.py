@@ -257,11 +257,18 @@ def is_training_free(spec: str) -> bool:
     return spec.partition(":")[0] in TRAINING_FREE
 
 
+def unit_of(spec: str) -> str | None:
+    """The unit a training-free scorer ``spec`` keeps its span inside: ``"s"`` (sentences), ``"l"`` (lines) or
+    None: the last field of ``attention:W:P:u`` / ``attention:W:B:A:u`` (a name in :data:`PRESETS` resolved)."""
+    kind, _, arg = PRESETS[spec].spec.partition(":") if spec in PRESETS else spec.partition(":")
+    parts = arg.split(":") if arg else []
+    return parts[-1] if kind == "attention" and len(parts) in (3, 4) and parts[-1] in UNIT_ENDS else None
+
+
 def needs_tokenizer(spec: str) -> bool:
     """Whether the scorer ``spec`` names (or any part of a ``+`` union) scores within sentences or lines (``:s``,
     ``:l``), which needs the model's tokenizer (:func:`sentence_ends`)."""
-    specs = [PRESETS[s].spec if s in PRESETS else s for s in spec.split("+")]
-    return any(s.startswith("attention:") and s.rpartition(":")[2] in UNIT_ENDS for s in specs)
+    return any(unit_of(s) for s in spec.split("+"))
 
 
 def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: int = 0) -> nn.Module:
@@ -278,11 +285,11 @@ def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: i
         return NormScorer(config)
     if kind == "attention":
         parts = arg.split(":") if arg else []
-        ends = None
-        if len(parts) in (3, 4) and parts[-1] in UNIT_ENDS:
+        ends, unit = None, unit_of(spec)
+        if unit:
             if tokenizer is None:
                 raise ValueError(f"{spec!r} scores within sentences or lines and needs the model's tokenizer")
-            parts, ends = parts[:-1], sentence_ends(tokenizer, vocab_size, UNIT_ENDS[parts[-1]])
+            parts, ends = parts[:-1], sentence_ends(tokenizer, vocab_size, UNIT_ENDS[unit])
         try:
             values = [int(p) for p in parts]
             if len(values) == 2:  # attention:W:P, a centred pool

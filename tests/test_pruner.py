@@ -354,6 +354,19 @@ def test_protected_tokens_lend_their_score_to_no_neighbour():
     assert not torch.equal(got, unprotected)  # this case tells the two apart
 
 
+def record_context(scorer, *names: str) -> list[tuple[torch.Tensor, ...]]:
+    """Wrap ``scorer.score`` so each call appends copies of the named context tensors to the returned list."""
+    seen = []
+    score = scorer.score
+
+    def recording(stage, hidden, **context):
+        seen.append(tuple(context[name].clone() for name in names))
+        return score(stage, hidden, **context)
+
+    scorer.score = recording
+    return seen
+
+
 def test_the_engine_tells_the_scorer_which_slots_are_protected():
     """Every stage's ``protected`` is the protected mask of the input, gathered to the surviving slots."""
     from sdtp_core.loading import load_pruner
@@ -361,14 +374,7 @@ def test_the_engine_tells_the_scorer_which_slots_are_protected():
 
     model = tiny_model()
     scorer = load_pruner("attention:8:6:2", model, layers=[1, 3, 4], keep_ratio=0.7)
-    seen = []
-    score = scorer.score
-
-    def recording(stage, hidden, **context):
-        seen.append((context["protected"].clone(), context["positions"].clone(), context["valid"].clone()))
-        return score(stage, hidden, **context)
-
-    scorer.score = recording
+    seen = record_context(scorer, "protected", "positions", "valid")
     ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(0))
     SDTPEngine(model, scorer).prefill(ids)
     assert len(seen) == 3
@@ -536,21 +542,15 @@ def test_within_sentences_an_attended_key_keeps_its_sentence_and_not_the_next():
 def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every_stage():
     """``segments`` at each stage is the sentence numbering of the whole prompt, gathered to the surviving slots
     (so pruning a sentence's end token does not merge it with the next); left padding gets -1."""
+    from sdtp_core.loading import load_pruner
     from sdtp_core.scorers import AttentionScorer, segment_ids
 
     model = tiny_model()
-    base = load_pruner_for_test("attention:8:6:2", model)
+    base = load_pruner("attention:8:6:2", model, layers=[1, 3, 4], keep_ratio=0.7)
     ends = torch.zeros(96, dtype=torch.bool)
     ends[::7] = True
     scorer = AttentionScorer(base.config, 8, 6, 2, ends=ends)
-    seen = []
-    score = scorer.score
-
-    def recording(stage, hidden, **context):
-        seen.append((context["segments"].clone(), context["positions"].clone(), context["valid"].clone()))
-        return score(stage, hidden, **context)
-
-    scorer.score = recording
+    seen = record_context(scorer, "segments", "positions", "valid")
     ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :5] = 0  # a left-padded row
@@ -567,12 +567,6 @@ def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every
         AttentionScorer(base.config, 8, 6, 2, ends=ends).score(
             0, torch.zeros(1, 3, 64), layer=None, position_embeddings=None, valid=None
         )
-
-
-def load_pruner_for_test(spec, model):
-    from sdtp_core.loading import load_pruner
-
-    return load_pruner(spec, model, layers=[1, 3, 4], keep_ratio=0.7)
 
 
 def test_the_default_line_reads_line_ends_from_the_tokenizer(tiny_hf_dir):
