@@ -36,8 +36,8 @@ KEPT_SHARE = 0.9**10
 
 def ruler_documents(tasks: list[str], length: int, limit: int) -> dict[str, list[dict]]:
     """The first ``limit`` documents of each offline RULER task in ``tasks`` at ``length`` tokens, from one load
-    of the group: ``{"prompt", "value", "values"}``, the prompt as lm-eval sends it (input + generation prefix), the
-    first gold value and all of them."""
+    of the group: ``{"prompt", "value", "values", "max_new_tokens"}``, the prompt as lm-eval sends it (input +
+    generation prefix), the first gold value, all of them, and the task's generation length."""
     import random
 
     import numpy as np
@@ -59,6 +59,7 @@ def ruler_documents(tasks: list[str], length: int, limit: int) -> dict[str, list
                 "prompt": members[task].doc_to_text(d) + " " + d["gen_prefix"].strip(),
                 "value": d["outputs"][0],
                 "values": list(d["outputs"]),
+                "max_new_tokens": members[task].config.generation_kwargs["max_gen_toks"],
             }
             for d in list(members[task].eval_docs)[:limit]
         ]

@@ -9,7 +9,11 @@ generates, :func:`~sdtp_eval.retention.ruler_layers.ruler_documents`) this runs 
   one the model cannot copy; one that survives may still be missed (this is not the task score).
 * ``after_first_kept``: the share of the ``--after-first`` tokens right after the protected first ones that
   survive, against ``kept_share``, the share of all unprotected tokens that survive. A scorer that spreads the
-  sink's attention to its neighbours keeps the start of the prompt whatever it says::
+  sink's attention to its neighbours keeps the start of the prompt whatever it says.
+* ``after_line_kept``: the same share for the ``--after-first`` tokens after the first line break, where most
+  RULER prompts' content (the haystack, cwe's word list) begins after a one-line instruction; ``None`` where those
+  tokens are all protected (fwe's one line break is just before its question). A scorer whose span stops at line
+  ends (``:l``) no longer lends the instruction's scores to them::
 
     python -m sdtp_eval.retention.ruler_survival --length 1024 --limit 10 --tasks ruler_vt niah_multikey_3 \\
         --pruners attention attention:64:63:15 --layers 3:5:7:9:11:13:15:17:19:21 --out results/ruler_survival_1k
@@ -32,8 +36,11 @@ from . import write_report
 from .needle_survival import occurrences
 
 
-def survival(engine, ids: list[int], spans_per_value: list[list[list[int]]], after_first: int) -> dict:
-    """One document: which original positions survive ``engine``'s pruned prefill, summarised (module docstring)."""
+def survival(
+    engine, ids: list[int], spans_per_value: list[list[list[int]]], after_first: int, first_line_end: int
+) -> dict:
+    """One document: which original positions survive ``engine``'s pruned prefill, summarised (module docstring).
+    ``first_line_end`` is the position of the first token holding a line break."""
     from sdtp_core.selection import protected_mask
 
     result = engine.prefill(torch.tensor([ids]), logits_to_keep=1, use_cache=False)
@@ -42,10 +49,12 @@ def survival(engine, ids: list[int], spans_per_value: list[list[list[int]]], aft
     protected = protected_mask(torch.ones(1, len(ids)), cfg.keep_first, cfg.keep_recent)[0]
     free = [p for p in range(len(ids)) if not protected[p]]
     after = [p for p in free if p < cfg.keep_first + after_first]
+    after_line = [p for p in free if first_line_end < p <= first_line_end + after_first]
     whole = [any(all(p in kept for p in span) for span in spans) for spans in spans_per_value]
     return {
         "answers_whole": sum(whole) / len(whole),
         "after_first_kept": sum(p in kept for p in after) / max(1, len(after)),
+        "after_line_kept": sum(p in kept for p in after_line) / len(after_line) if after_line else None,
         "kept_share": sum(p in kept for p in free) / max(1, len(free)),
     }
 
@@ -83,14 +92,31 @@ def main(argv: list[str] | None = None) -> dict:
         for doc in tqdm(docs, desc=task):
             found = [occurrences(tokenizer, doc["prompt"], value) for value in doc["values"]]
             ids, spans = found[0][0], [s for _, s in found]
+            line_end = first_line_end(tokenizer, ids)
             for spec, engine in engines.items():
-                rows[spec].append(survival(engine, ids, spans, args.after_first))
+                rows[spec].append(survival(engine, ids, spans, args.after_first, line_end))
         report["tasks"][task] = {
-            spec: {key: sum(r[key] for r in rs) / len(rs) for key in rs[0]} | {"documents": len(rs), "per_document": rs}
+            spec: {key: mean([r[key] for r in rs]) for key in rs[0]} | {"documents": len(rs), "per_document": rs}
             for spec, rs in rows.items()
         }
     write_report(args.out, report, format_markdown(report), plot)
     return report
+
+
+def mean(values: list[float | None]) -> float | None:
+    """The mean of the values that are not ``None`` (``None`` if all are)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def first_line_end(tokenizer, ids: list[int]) -> int:
+    """Position of the first token whose text holds a line break (the last position if none does)."""
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    return next((p for p, text in enumerate(texts) if "\n" in text), len(ids) - 1)
 
 
 def format_markdown(report: dict) -> str:
@@ -101,17 +127,18 @@ def format_markdown(report: dict) -> str:
         "",
         f"{report['dtype']}, batch 1. answers whole: share of gold values with an occurrence whose tokens all survive "
         "the last stage; after first: share of the tokens right after the protected first ones that survive; kept: "
-        "share of all unprotected tokens that survive. Stage layers: "
+        "share of all unprotected tokens that survive; after line: the same for the tokens after the first line break. "
+        "Stage layers: "
         + "; ".join(f"{spec} {':'.join(map(str, layers))}" for spec, layers in report["layers"].items()),
         "",
-        "| task | pruner | docs | answers whole | after first | kept |",
-        "|---|---|---:|---:|---:|---:|",
+        "| task | pruner | docs | answers whole | after first | after line | kept |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for task, by_spec in report["tasks"].items():
         for spec, r in by_spec.items():
             lines.append(
                 f"| {task} | {spec} | {r['documents']} | {r['answers_whole']:.2f} | {r['after_first_kept']:.2f} | "
-                f"{r['kept_share']:.2f} |"
+                f"{_share(r['after_line_kept'])} | {r['kept_share']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
