@@ -155,7 +155,8 @@ class SDTPEngine:
             )
             stage_at = {layer: s for s, layer in enumerate(cfg.layers)} if pruning else {}
             ends = getattr(self.pruner, "sentence_ends", None) if pruning else None
-            segments = segment_ids(ids, valid, ends) if ends is not None else None  # each slot's sentence
+            min_tokens = getattr(self.pruner, "min_unit_tokens", 0)
+            segments = segment_ids(ids, valid, ends, min_tokens) if ends is not None else None  # each slot's unit
 
             hidden = self.inner.embed_tokens(ids)
             cos, sin = self.inner.rotary_emb(hidden, positions)

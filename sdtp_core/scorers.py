@@ -29,6 +29,7 @@ generation and the attention scorer on retrieval (RULER, needles).
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -59,8 +60,18 @@ PRESETS = {
 #: characters whose presence in a token's text ends a sentence (:func:`sentence_ends`)
 SENTENCE_END_CHARS = ".!?\n"
 #: the spec suffix of a scorer whose span stays inside a unit -> the characters that end the unit:
-#: ``:s`` sentences, ``:l`` lines
+#: ``:s`` sentences, ``:l`` lines; ``:lN`` (``:sN``): a line (sentence) of fewer than ``N`` tokens joins the next
 UNIT_ENDS = {"s": SENTENCE_END_CHARS, "l": "\n"}
+
+
+class Unit(NamedTuple):
+    """A scorer's unit (:func:`unit_of`): the characters that end one, and the fewest tokens one must have to
+    end there (a shorter one, such as a title or a ``Passage 1:`` line, joins the unit after it)."""
+
+    ends: str
+    min_tokens: int = 0
+
+
 TRAINING_FREE = ("attention", "norm", *PRESETS)
 
 
@@ -79,7 +90,8 @@ class AttentionScorer(nn.Module):
     """Scores each token by the attention it receives from the last ``window`` tokens in the stage layer,
     then takes the highest such score among the ``before`` slots before it and the ``after`` slots after it
     (both 0: no pooling). With ``ends`` (:func:`sentence_ends`) the span stops at sentence ends: the engine
-    then passes each slot's sentence (``segments``, :func:`segment_ids`) to :meth:`score`."""
+    then passes each slot's sentence (``segments``, :func:`segment_ids`, ``min_unit_tokens`` its ``min_tokens``)
+    to :meth:`score`."""
 
     def __init__(
         self,
@@ -88,6 +100,7 @@ class AttentionScorer(nn.Module):
         before: int = 0,
         after: int = 0,
         ends: torch.Tensor | None = None,
+        min_unit_tokens: int = 0,
     ):
         super().__init__()
         if window < 1:
@@ -100,6 +113,8 @@ class AttentionScorer(nn.Module):
         self.after = after
         #: (vocab,) which token ids end a sentence, or None (spans cross sentences)
         self.register_buffer("sentence_ends", ends, persistent=False)
+        #: a unit of fewer tokens joins the next one (:func:`segment_ids`)
+        self.min_unit_tokens = min_unit_tokens
 
     def score(
         self,
@@ -202,12 +217,19 @@ def sentence_ends(tokenizer, vocab_size: int = 0, chars: str = SENTENCE_END_CHAR
     return ends
 
 
-def segment_ids(ids: torch.Tensor, valid: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def segment_ids(ids: torch.Tensor, valid: torch.Tensor, ends: torch.Tensor, min_tokens: int = 0) -> torch.Tensor:
     """(batch, k) the sentence of each slot of ``ids`` (batch, k), numbered from 0 in slot order: a token that
     ends a sentence (``ends[id]``, :func:`sentence_ends`) belongs to it, the next token starts the next one.
-    Padding slots get -1. Computed once on the whole prompt, then gathered with the kept tokens, so a sentence
-    stays one sentence when its end token is pruned."""
+    An end token closing fewer than ``min_tokens`` tokens since the previous end token (the text's own
+    sentences or lines, counted over live slots) ends nothing: that short one joins the next. Padding slots get
+    -1. Computed once on the whole prompt, then gathered with the kept tokens, so a sentence stays one sentence
+    when its end token is pruned."""
     end = ends.to(ids.device)[ids] & valid
+    if min_tokens > 1:
+        count = valid.long().cumsum(1)  # live slots up to and including each slot
+        last = torch.where(end, count, torch.zeros_like(count)).cummax(1).values  # count at the latest end so far
+        before = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], 1)  # ... strictly before each slot
+        end = end & (count - before >= min_tokens)
     return (end.long().cumsum(1) - end.long()).masked_fill(~valid, -1)
 
 
@@ -248,7 +270,16 @@ class RankUnion(nn.Module):
     @property
     def sentence_ends(self) -> torch.Tensor | None:
         """The first part's sentence ends (:class:`AttentionScorer`), if any part scores within sentences."""
-        return next((p.sentence_ends for p in self.parts if getattr(p, "sentence_ends", None) is not None), None)
+        return self._unit_part.sentence_ends if self._unit_part is not None else None
+
+    @property
+    def min_unit_tokens(self) -> int:
+        """The same part's ``min_unit_tokens`` (0 if no part scores within units)."""
+        return self._unit_part.min_unit_tokens if self._unit_part is not None else 0
+
+    @property
+    def _unit_part(self) -> nn.Module | None:
+        return next((p for p in self.parts if getattr(p, "sentence_ends", None) is not None), None)
 
 
 def is_training_free(spec: str) -> bool:
@@ -257,12 +288,18 @@ def is_training_free(spec: str) -> bool:
     return spec.partition(":")[0] in TRAINING_FREE
 
 
-def unit_of(spec: str) -> str | None:
-    """The unit a training-free scorer ``spec`` keeps its span inside: ``"s"`` (sentences), ``"l"`` (lines) or
-    None: the last field of ``attention:W:P:u`` / ``attention:W:B:A:u`` (a name in :data:`PRESETS` resolved)."""
+def unit_of(spec: str) -> Unit | None:
+    """The unit a training-free scorer ``spec`` keeps its span inside, or None: the last field of
+    ``attention:W:P:u`` / ``attention:W:B:A:u`` (a name in :data:`PRESETS` resolved), ``s`` (sentences) or ``l``
+    (lines), optionally followed by the fewest tokens a unit needs to end (``l16``)."""
     kind, _, arg = PRESETS[spec].spec.partition(":") if spec in PRESETS else spec.partition(":")
     parts = arg.split(":") if arg else []
-    return parts[-1] if kind == "attention" and len(parts) in (3, 4) and parts[-1] in UNIT_ENDS else None
+    if kind != "attention" or len(parts) not in (3, 4):
+        return None
+    match = re.fullmatch(r"([a-z])(\d*)", parts[-1])
+    if not match or match[1] not in UNIT_ENDS:
+        return None
+    return Unit(UNIT_ENDS[match[1]], int(match[2] or 0))
 
 
 def needs_tokenizer(spec: str) -> bool:
@@ -276,8 +313,9 @@ def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: i
     pooling), ``attention:W`` (the attention of the last ``W`` tokens), ``attention:W:P`` (also max-pooled over
     ``P`` neighbouring slots, ``P`` odd: ``P // 2`` on either side) or ``attention:W:B:A`` (the highest score
     among ``B`` slots before and ``A`` after); either of the last two ending in ``:s`` (``:l``) keeps the span
-    inside each sentence (line) (``tokenizer`` required, ``vocab_size`` the model's); or a name in
-    :data:`PRESETS` (``spread``, ``line``)."""
+    inside each sentence (line), ``:sN`` (``:lN``) the same with a sentence (line) of fewer than ``N`` tokens
+    joined to the next (``tokenizer`` required, ``vocab_size`` the model's); or a name in :data:`PRESETS`
+    (``spread``, ``line``)."""
     if spec in PRESETS:
         spec = PRESETS[spec].spec
     kind, _, arg = spec.partition(":")
@@ -289,7 +327,7 @@ def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: i
         if unit:
             if tokenizer is None:
                 raise ValueError(f"{spec!r} scores within sentences or lines and needs the model's tokenizer")
-            parts, ends = parts[:-1], sentence_ends(tokenizer, vocab_size, UNIT_ENDS[unit])
+            parts, ends = parts[:-1], sentence_ends(tokenizer, vocab_size, unit.ends)
         try:
             values = [int(p) for p in parts]
             if len(values) == 2:  # attention:W:P, a centred pool
@@ -299,11 +337,12 @@ def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: i
                 values = [window, pool // 2, pool // 2]
             if len(values) > 3:
                 raise ValueError("too many fields")
-            return AttentionScorer(config, *values, ends=ends)
+            return AttentionScorer(config, *values, ends=ends, min_unit_tokens=unit.min_tokens if unit else 0)
         except ValueError as e:
             raise ValueError(
                 f"attention:W[:P[:s]] or attention:W:B:A[:s] needs a positive integer window W, a positive odd pool P, "
-                f"and spans B, A >= 0 (:s within sentences, :l within lines); got {spec!r} ({e})"
+                f"and spans B, A >= 0 (:s within sentences, :l within lines, :l16 joining lines under 16 tokens to "
+                f"the next); got {spec!r} ({e})"
             ) from e
     raise ValueError(
         f"unknown training-free scorer {spec!r}; use one of {TRAINING_FREE} "

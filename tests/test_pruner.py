@@ -499,6 +499,36 @@ def test_segment_ids_number_sentences_and_end_tokens_belong_to_their_sentence():
     ]
 
 
+def test_segment_ids_join_a_unit_shorter_than_min_tokens_to_the_next():
+    """By hand: lines of 2, 5, 1, 1 and 3 tokens (id 9 ends a line). With min_tokens 3 the 2-token line joins
+    the 5-token one, and the two 1-token lines join the last; padding counts for nothing."""
+    from sdtp_core.scorers import segment_ids
+
+    ends = torch.zeros(12, dtype=torch.bool)
+    ends[9] = True
+    lines = [1, 9, 2, 3, 4, 5, 9, 9, 9, 6, 7, 8]  # ends at slots 1, 6, 7, 8; the last line has no end
+    ids = torch.tensor([[0, 0] + lines, [0] * 2 + lines])
+    valid = torch.tensor([[False, False] + [True] * 12, [True] * 14])
+    assert segment_ids(ids[:1], valid[:1], ends, 3).tolist() == [[-1, -1] + [0] * 7 + [1] * 5]
+    assert segment_ids(ids[:1], valid[:1], ends, 2).tolist() == [[-1, -1] + [0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2]]
+    # the same line lengths counted without padding: a live row whose first line is 4 tokens (0, 0, 1, 9) ends it
+    assert segment_ids(ids[1:], valid[1:], ends, 3).tolist() == [[0] * 4 + [1] * 5 + [2] * 5]
+    assert segment_ids(ids, valid, ends, 0).tolist() == segment_ids(ids, valid, ends, 1).tolist()
+    assert segment_ids(ids, valid, ends, 0).tolist() == segment_ids(ids, valid, ends).tolist()
+
+
+def test_unit_of_parses_the_unit_and_its_fewest_tokens():
+    from sdtp_core.scorers import Unit, needs_tokenizer, unit_of
+
+    assert unit_of("attention:64:95:15:l") == Unit("\n", 0)
+    assert unit_of("attention:64:95:15:l16") == Unit("\n", 16)
+    assert unit_of("attention:64:31:s4") == Unit(".!?\n", 4)
+    assert unit_of("line") == Unit("\n", 0)
+    for spec in ("attention:64:95:15", "attention:64:95:15:x16", "attention:64:95:15:l1x", "norm", "attention:l"):
+        assert unit_of(spec) is None, spec
+    assert needs_tokenizer("attention:64:95:15:l16+attention")
+
+
 def test_segment_span_max_matches_a_brute_force_maximum_within_each_sentence():
     """Against the definition, on random scores, sentences and spans: each live slot's highest score among the
     slots up to B before and A after it that share its sentence; padding gets 0."""
@@ -539,9 +569,11 @@ def test_within_sentences_an_attended_key_keeps_its_sentence_and_not_the_next():
     assert plain[0].tolist() != list(range(2, 10))
 
 
-def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every_stage():
-    """``segments`` at each stage is the sentence numbering of the whole prompt, gathered to the surviving slots
-    (so pruning a sentence's end token does not merge it with the next); left padding gets -1."""
+@pytest.mark.parametrize("min_tokens", [0, 4])
+def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every_stage(min_tokens):
+    """``segments`` at each stage is the sentence numbering of the whole prompt (sentences under the scorer's
+    ``min_unit_tokens`` joined to the next), gathered to the surviving slots (so pruning a sentence's end token
+    does not merge it with the next); left padding gets -1."""
     from sdtp_core.loading import load_pruner
     from sdtp_core.scorers import AttentionScorer, segment_ids
 
@@ -549,7 +581,7 @@ def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every
     base = load_pruner("attention:8:6:2", model, layers=[1, 3, 4], keep_ratio=0.7)
     ends = torch.zeros(96, dtype=torch.bool)
     ends[::7] = True
-    scorer = AttentionScorer(base.config, 8, 6, 2, ends=ends)
+    scorer = AttentionScorer(base.config, 8, 6, 2, ends=ends, min_unit_tokens=min_tokens)
     seen = record_context(scorer, "segments", "positions", "valid")
     ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 40, dtype=torch.long)
@@ -558,7 +590,10 @@ def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every
     assert len(seen) == 3
     for row in range(2):
         real = ids[row][mask[row].bool()]
-        whole = segment_ids(real[None], torch.ones(1, len(real), dtype=torch.bool), ends)[0]
+        live = torch.ones(1, len(real), dtype=torch.bool)
+        whole = segment_ids(real[None], live, ends, min_tokens)[0]
+        if min_tokens:  # short sentences were joined: a numbering other than the plain one
+            assert whole.tolist() != segment_ids(real[None], live, ends)[0].tolist()
         for segments, positions, valid in seen:
             assert segments[row][valid[row]].tolist() == whole[positions[row][valid[row]]].tolist()
             assert bool((segments[row][~valid[row]] == -1).all())
