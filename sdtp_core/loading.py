@@ -132,8 +132,9 @@ def load_pruner(
     ``"random"`` (untrained scorers, seeded: fine for speed, meaningless for accuracy, and said loudly);
     ``"attention"`` (``"attention:W"`` for a window of ``W`` recent tokens, ``"attention:W:P"`` pooled over ``P``
     slots, ``"attention:W:B:A"`` over ``B`` slots before and ``A`` after, ``:s`` / ``:l`` appended: not crossing a
-    sentence / line end), ``"line"`` (``attention:64:95:15:l``) and ``"spread"`` (``attention:64:63:15``), both
-    at their own default layers (:data:`~sdtp_core.scorers.PRESETS`), or ``"norm"`` (training-free scorers,
+    sentence / line end; ``:l16``: a line under 16 tokens joins the next), ``"line"``
+    (``attention:64:95:15:l``) and ``"spread"`` (``attention:64:63:15``), both at their own default layers
+    (:data:`~sdtp_core.scorers.PRESETS`), or ``"norm"`` (training-free scorers,
     :mod:`sdtp_core.scorers`); ``"saliency"`` (the answer-aware oracle of :mod:`sdtp_core.oracle`,
     analysis only); ``A+B`` (a :class:`~sdtp_core.scorers.RankUnion`: what either ranks high, e.g.
     ``shipped+attention``); or ``None``
