@@ -144,7 +144,8 @@ def format_markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Grouped bars: answers kept whole per task, one bar per pruner."""
+    """Grouped bars, one bar per pruner: answers kept whole per task (left), and what survives of the tokens
+    after the first line break (right; no bar where it is not defined)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,13 +154,18 @@ def plot(report: dict, path: Path) -> None:
     tasks = list(report["tasks"])
     specs = list(report["layers"])
     width = 0.8 / len(specs)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.8))
-    for i, spec in enumerate(specs):
-        values = [report["tasks"][t][spec]["answers_whole"] for t in tasks]
-        ax.bar([j + i * width for j in range(len(tasks))], values, width, label=spec)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, fontsize=8)
-    ax.set(ylabel="gold values kept whole", ylim=(0, 1.05), title=f"RULER {report['length']}: answers that survive")
-    ax.legend(fontsize=8)
+    panels = (
+        ("answers_whole", "gold values kept whole", "answers that survive"),
+        ("after_line_kept", "share kept", "tokens after the first line break"),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(2.6 + 3.2 * len(tasks), 3.8))
+    for ax, (key, ylabel, title) in zip(axes, panels):
+        for i, spec in enumerate(specs):
+            values = [report["tasks"][t][spec].get(key) for t in tasks]
+            ax.bar([j + i * width for j in range(len(tasks))], [v or 0 for v in values], width, label=spec)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, fontsize=8)
+        ax.set(ylabel=ylabel, ylim=(0, 1.05), title=f"RULER {report['length']}: {title}")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
