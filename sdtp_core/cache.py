@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .attention import layout_mask
+from sdtp_core.attention import layout_mask
 
 
 class ReservedLayer(DynamicLayer):

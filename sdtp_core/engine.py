@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .attention import layout_mask
-from .cache import PrunedCache
-from .pruner import TokenPruner
-from .scorers import segment_ids
-from .selection import compact, keep_counts, protected_mask, select
-from .timing import StageTimer, stage
+from sdtp_core.attention import layout_mask
+from sdtp_core.cache import PrunedCache
+from sdtp_core.pruner import TokenPruner
+from sdtp_core.scorers import segment_ids
+from sdtp_core.selection import compact, keep_counts, protected_mask, select
+from sdtp_core.timing import StageTimer, stage
 
 
 class PromptError(ValueError):

@@ -25,9 +25,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .cache import PrunedCache
-from .engine import PrefillResult, SDTPEngine
-from .timing import StageTimer, stage
+from sdtp_core.cache import PrunedCache
+from sdtp_core.engine import PrefillResult, SDTPEngine
+from sdtp_core.timing import StageTimer, stage
 
 #: GenerationConfig fields the pruned decoding loop honours (the rest must be unset, or it refuses).
 SUPPORTED_FIELDS = {

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from . import fingerprint
-from .embedded import resolve_pretrained
-from .oracle import ORACLE, SaliencyOracle
-from .pruner import TokenPruner
-from .scorers import PRESETS, RankUnion, is_training_free, needs_tokenizer, training_free
+from sdtp_core import fingerprint
+from sdtp_core.embedded import resolve_pretrained
+from sdtp_core.oracle import ORACLE, SaliencyOracle
+from sdtp_core.pruner import TokenPruner
+from sdtp_core.scorers import PRESETS, RankUnion, is_training_free, needs_tokenizer, training_free
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -144,7 +144,7 @@ def load_pruner(
     sentences or lines (``line``, ``attention:…:s``, ``attention:…:l``) read their ends from; without it, the
     one saved beside the model's weights is loaded.
     """
-    from .config import PrunerConfig, geometric_keep_ratios
+    from sdtp_core.config import PrunerConfig, geometric_keep_ratios
 
     if spec is None:
         spec = DEFAULT_PRUNER

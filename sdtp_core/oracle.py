@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import PrunerConfig
-from .saliency import compute_saliency
+from sdtp_core.config import PrunerConfig
+from sdtp_core.train.saliency import compute_saliency
 
 ORACLE = "saliency"
 

@@ -9,8 +9,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import PrunerConfig, PrunerConfigError
-from .selection import recent_slots
+from sdtp_core.config import PrunerConfig, PrunerConfigError
+from sdtp_core.selection import recent_slots
 
 WEIGHTS_NAME = "model.safetensors"
 

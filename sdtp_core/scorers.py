@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PrunerConfig, earlier_layers
+from sdtp_core.config import PrunerConfig, earlier_layers
 
 
 class Preset(NamedTuple):

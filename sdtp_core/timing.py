@@ -17,7 +17,6 @@ stages for reports.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -96,30 +95,3 @@ def group_stages(stages: dict[str, float], num_layers: int, stage_layers: list[i
         key = seg[int(name.split(".", 1)[1])] if name.startswith("layer.") else name
         out[key] = out.get(key, 0.0) + seconds
     return out
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float | None:
-    """Current resident set size in MiB (Linux ``/proc``), or None where unavailable."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def cpu_flags() -> dict[str, bool]:
-    """Whether the CPU has the vector/matrix extensions that decide fp32 vs bf16 speed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return {name: name in flags for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}

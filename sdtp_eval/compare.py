@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"run names must be unique, got {names}")
     if args.limit is not None and args.limit.is_integer():
         args.limit = int(args.limit)
-    from sdtp_core.bench import machine_info
+    from sdtp_core.bench.machine import machine_info
     from sdtp_core.embedded import resolve_pretrained
     from sdtp_core.loading import default_dtype
 

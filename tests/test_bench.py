@@ -2,7 +2,7 @@
 
 import json
 
-from sdtp_core import bench
+from sdtp_core.bench import latency as bench
 
 ROW = {
     "length": 2048,

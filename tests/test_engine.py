@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_model, tiny_pruner
 from oracle import mask_simulated_forward
 
+from sdtp_core.bench.flops import scheduled_counts
 from sdtp_core.engine import PromptError, SDTPEngine
-from sdtp_core.flops import scheduled_counts
 from sdtp_core.generate import UnsupportedGenerationError, generate
 
 

@@ -52,7 +52,7 @@ def test_protected_needle_tokens_are_kept_and_not_ranked():
 def oracle_stages(monkeypatch, needle: list[int]) -> tuple[list[dict], dict]:
     """``saliency_stages`` with a hand-made saliency: -position at every layer (its magnitude grows with
     the position, so |saliency| ranks like ``LaterIsBetter``); records what the loss was asked to score."""
-    import sdtp_core.saliency as saliency_module
+    import sdtp_core.train.saliency as saliency_module
     from sdtp_eval.retention.needle_survival import saliency_stages
 
     seen = {}

@@ -15,7 +15,7 @@ from sdtp_core.selection import keep_counts, protected_mask
 
 def hf_saliency(model, ids: torch.Tensor, labels: torch.Tensor, layer: int) -> torch.Tensor:
     """|grad x input| of ``layer``'s input hidden state, via the plain transformers forward (an oracle
-    independent of :func:`sdtp_core.saliency.compute_saliency`): (n,)."""
+    independent of :func:`sdtp_core.train.saliency.compute_saliency`): (n,)."""
     with torch.enable_grad():
         out = model(ids[None], output_hidden_states=True)
         hidden = out.hidden_states[layer]  # hidden_states[i] is the input of layer i

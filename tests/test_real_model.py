@@ -6,9 +6,9 @@ import pytest
 import torch
 from oracle import mask_simulated_forward
 
+from sdtp_core.bench.flops import prefill_flops, scheduled_counts
 from sdtp_core.config import PrunerConfig
 from sdtp_core.engine import SDTPEngine
-from sdtp_core.flops import prefill_flops, scheduled_counts
 from sdtp_core.generate import generate
 from sdtp_core.loading import load_model, load_pruner
 from sdtp_core.pruner import TokenPruner
@@ -101,9 +101,9 @@ def test_shipped_pruner_is_found_for_the_same_weights_in_another_directory(model
 def test_shipped_pruner_beats_random_scores_on_held_out_text(model_and_tokenizer, data_dir):
     """The committed pruner loads with pruner=shipped for the embedded model, and on Dolly records it was
     not trained on (its training used the first 400) it ranks tokens by saliency better than chance."""
+    from sdtp_core.bench.quality import evaluate
     from sdtp_core.loading import EMBEDDED_PRUNER_DIR
-    from sdtp_core.pruner_eval import evaluate
-    from sdtp_core.train_data import load_examples
+    from sdtp_core.train.data import load_examples
 
     model, tokenizer = model_and_tokenizer
     pruner = load_pruner("shipped", model)

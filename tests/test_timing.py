@@ -14,8 +14,9 @@ import torch
 from conftest import tiny_model, tiny_pruner
 
 from sdtp_core.attention import layout_mask
-from sdtp_core.bench import machine_info
-from sdtp_core.breakdown import PER_TOKEN_KEYS, RECORD_KEYS, breakdown_record, run_profile, trace_summary
+from sdtp_core.bench.breakdown import RECORD_KEYS, breakdown_record, run_profile, trace_summary
+from sdtp_core.bench.breakdown_report import PER_TOKEN_KEYS
+from sdtp_core.bench.machine import machine_info
 from sdtp_core.cache import ReservedLayer
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.generate import decode_loop, generate, resolve_generation_config

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from test_train_fixtures import tiny_model_dir, toy_dolly
 
-from sdtp_core.train import main
+from sdtp_core.train.run import main
 
 ARGS = [
     "--layers",
@@ -55,7 +55,19 @@ def test_two_process_run_matches_one_process(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two"
     proc = subprocess.run(
-        [*launcher, "-m", "sdtp_core.train", "all", "--out", str(two), *common, "--grad-accum", "1", "--threads", "1"],
+        [
+            *launcher,
+            "-m",
+            "sdtp_core.train",
+            "all",
+            "--out",
+            str(two),
+            *common,
+            "--grad-accum",
+            "1",
+            "--threads",
+            "1",
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -17,8 +17,9 @@ from test_train_fixtures import tiny_model_dir, toy_dolly
 
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.pruner import TokenPruner
-from sdtp_core.train import build_parser, main
-from sdtp_core.train_data import Example
+from sdtp_core.train.data import Example
+from sdtp_core.train.config import build_parser
+from sdtp_core.train.run import main
 
 SCHEDULE = ["--layers", "1,3,4", "--keep-ratio", "0.7", "--keep-first", "2", "--dtype", "float32"]
 
@@ -267,8 +268,8 @@ def _fit_args(work: dict, out: Path, *extra: str) -> list[str]:
 def test_fit_caches_the_unpruned_states_and_fits_the_saliency(work, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sdtp_core.fit import sample_loss
-    from sdtp_core.saliency import SaliencyStore
+    from sdtp_core.train.fit import sample_loss
+    from sdtp_core.train.saliency import SaliencyStore
 
     out = tmp_path / "fit"
     assert main(_fit_args(work, out, "--epochs", "30", "--lr", "2e-2", "--warmup", "0")) == 0
@@ -299,7 +300,7 @@ def test_fit_caches_the_unpruned_states_and_fits_the_saliency(work, tmp_path):
         ]
     assert losses[0] < losses[1] - 0.5, losses
     # The run reports how well it fits its training samples; a fresh pruner ranks at about chance.
-    from sdtp_core.fit import training_spearman
+    from sdtp_core.train.fit import training_spearman
 
     summary = json.loads((out / "fit_summary.json").read_text())
     examples = [Example(i, store.get(i).ids.tolist(), store.get(i).prompt_len) for i in range(12)]

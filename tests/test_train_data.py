@@ -7,7 +7,7 @@ import json
 import pytest
 from test_train_fixtures import char_tokenizer
 
-from sdtp_core.train_data import (
+from sdtp_core.train.data import (
     TrainDataError,
     collate,
     encode_record,

@@ -6,7 +6,13 @@ import math
 
 import torch
 
-from sdtp_core.losses import lm_loss_per_sample, mse_loss_per_sample, rank_loss_per_sample, sample_pairs, standardize
+from sdtp_core.train.losses import (
+    lm_loss_per_sample,
+    mse_loss_per_sample,
+    rank_loss_per_sample,
+    sample_pairs,
+    standardize,
+)
 
 
 def _softplus(x: float) -> float:

@@ -7,8 +7,14 @@ import torch
 from conftest import tiny_model, tiny_pruner
 
 from sdtp_core.engine import SDTPEngine
-from sdtp_core.masked_forward import decoder_parts, gumbel_keep, lm_loss_from_hidden, masked_forward, policy_attention
 from sdtp_core.selection import keep_counts, protected_mask
+from sdtp_core.train.masked_forward import (
+    decoder_parts,
+    gumbel_keep,
+    lm_loss_from_hidden,
+    masked_forward,
+    policy_attention,
+)
 
 
 def test_gumbel_keep_hard_top_k_with_straight_through_gradient():

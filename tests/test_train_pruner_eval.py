@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_pruner
 
-from sdtp_core.pruner_eval import evaluate, spearman, topk_overlap
-from sdtp_core.train_data import Example
+from sdtp_core.bench.quality import evaluate, spearman, topk_overlap
+from sdtp_core.train.data import Example
 
 
 def test_spearman_and_overlap_hand_values():
@@ -33,7 +33,7 @@ def test_evaluate_reports_every_stage_and_baseline(query):
 
 
 def test_report_table_and_plot(tmp_path):
-    from sdtp_core.pruner_eval import format_table, plot
+    from sdtp_core.bench.quality import format_table, plot
 
     result = {"num_samples": 2, "layers": [1, 3], "keep_ratios": [0.9, 0.81]}
     for i, name in enumerate(("pruner", "random", "attention")):

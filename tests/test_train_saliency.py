@@ -6,9 +6,15 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from sdtp_core.masked_forward import decoder_parts
-from sdtp_core.saliency import SaliencyMismatchError, SaliencyStore, compute_saliency, run_saliency, sparsity_fraction
-from sdtp_core.train_data import Example, collate
+from sdtp_core.train.data import Example, collate
+from sdtp_core.train.masked_forward import decoder_parts
+from sdtp_core.train.saliency import (
+    SaliencyMismatchError,
+    SaliencyStore,
+    compute_saliency,
+    run_saliency,
+    sparsity_fraction,
+)
 
 LAYERS = [1, 3, 5]
 

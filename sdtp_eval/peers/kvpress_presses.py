@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     from importlib.metadata import version
     from pathlib import Path
 
-    from sdtp_core.bench import machine_info
+    from sdtp_core.bench.machine import machine_info
     from sdtp_core.engine import SDTPEngine
     from sdtp_core.loading import load_model, load_pruner
 

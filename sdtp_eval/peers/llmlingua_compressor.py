@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     import json
     from importlib.metadata import version
 
-    from sdtp_core.bench import machine_info
+    from sdtp_core.bench.machine import machine_info
     from sdtp_core.engine import SDTPEngine
     from sdtp_core.generate import generate
 

@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     presses = [press_name(p) for p in args.presses]
     if args.threads:
         torch.set_num_threads(args.threads)
-    from sdtp_core.bench import machine_info
+    from sdtp_core.bench.machine import machine_info
     from sdtp_core.engine import SDTPEngine
     from sdtp_core.loading import load_model, load_pruner
 

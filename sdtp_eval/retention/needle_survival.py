@@ -99,8 +99,8 @@ def saliency_stages(model, ids: list[int], answer_ids: list[int], needle: list[i
     ``needle`` positions' |saliency| of the ``answer_ids`` loss among the prompt's unprotected tokens, and
     the fraction of them the engine's selection (:func:`~sdtp_core.selection.select`) would keep from the
     whole prompt at that stage's keep ratio, ranked by |saliency|."""
-    from sdtp_core.saliency import compute_saliency
     from sdtp_core.selection import keep_counts, protected_mask, select
+    from sdtp_core.train.saliency import compute_saliency
 
     n = len(ids)
     full = torch.tensor([ids + answer_ids])

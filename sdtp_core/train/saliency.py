@@ -38,9 +38,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .attention import layout_mask
-from .masked_forward import decoder_parts, lm_loss_from_hidden
-from .train_data import Example, collate
+from sdtp_core.attention import layout_mask
+from sdtp_core.train.data import Example, collate
+from sdtp_core.train.masked_forward import decoder_parts, lm_loss_from_hidden
 
 META_NAME = "meta.json"
 INDEX_NAME = "index.json"

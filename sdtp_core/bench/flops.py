@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import PrunerConfig
+from sdtp_core.config import PrunerConfig
 
 
 @dataclass
@@ -67,7 +67,7 @@ def scheduled_counts(config, n: int, pruner: PrunerConfig | None) -> list[int]:
     """Tokens each layer processes for one prompt of length ``n`` under a schedule (no engine run needed)."""
     import torch
 
-    from .selection import keep_counts, recent_count
+    from sdtp_core.selection import keep_counts, recent_count
 
     counts, current = [], n
     stage_of = dict(zip(pruner.layers, pruner.keep_ratios)) if pruner else {}

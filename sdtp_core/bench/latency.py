@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import resource
 import statistics
 import time
@@ -26,39 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .engine import SDTPEngine
-from .flops import prefill_flops
-from .generate import generate
-from .loading import RANDOM_PRUNER, load_model, load_pruner
-from .timing import cpu_flags
-
-
-def machine_info() -> dict:
-    """What the numbers were measured on."""
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
-    info["cpu_flags"] = cpu_flags()
-    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    info["logical_cpus"] = os.cpu_count()
-    info["loadavg_at_start"] = os.getloadavg()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+from sdtp_core.bench.flops import prefill_flops
+from sdtp_core.bench.machine import machine_info
+from sdtp_core.engine import SDTPEngine
+from sdtp_core.generate import generate
+from sdtp_core.loading import RANDOM_PRUNER, load_model, load_pruner
 
 
 def kv_cache_bytes(result) -> int:
@@ -247,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="JSON",
         help="measure nothing: rewrite the Markdown table and the plot beside a report written by --json",
     )
-    prof = parser.add_argument_group("--profile: where the time goes (sdtp_core.breakdown)")
+    prof = parser.add_argument_group("--profile: where the time goes (sdtp_core.bench.breakdown)")
     prof.add_argument(
         "--profile",
         type=Path,
@@ -292,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         "new_tokens": args.new_tokens,
     }
     if args.profile is not None:
-        from .breakdown import run_profile
+        from sdtp_core.bench.breakdown import run_profile
 
         meta = {"command": command, "machine": machine_info(), "settings": settings}
         return run_profile(
@@ -332,5 +302,3 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-if __name__ == "__main__":
-    main()

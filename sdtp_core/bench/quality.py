@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .masked_forward import decoder_parts
-from .pruner import TokenPruner
-from .saliency import compute_saliency
-from .selection import keep_counts, protected_mask
-from .train_data import Example, collate, load_examples
+from sdtp_core.pruner import TokenPruner
+from sdtp_core.selection import keep_counts, protected_mask
+from sdtp_core.train.data import Example, collate, load_examples
+from sdtp_core.train.masked_forward import decoder_parts
+from sdtp_core.train.saliency import compute_saliency
 
 SCORERS = ("pruner", "random", "attention")
 
@@ -118,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtp_core.pruner_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pruner", required=True, help="trained pruner directory (OUT/pruner)")
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded model)")
-    parser.add_argument("--data", required=True, help="held-out data (same formats as sdtp_core.train --data)")
+    parser.add_argument("--data", required=True, help="held-out data (the formats of training --data)")
     parser.add_argument("--skip", type=int, default=0, help="leave out the first N records (the training ones)")
     parser.add_argument("--max-samples", type=int, default=20, help="number of held-out samples")
     parser.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
     parser.add_argument("--format", default="auto", help="auto, chat or plain (as in training)")
     parser.add_argument(
-        "--distractor-tokens", type=int, default=0, help="long inputs, as in training (sdtp_core.train --help)"
+        "--distractor-tokens",
+        type=int,
+        default=0,
+        help="long inputs, as in training (its --help)",
     )
     parser.add_argument(
         "--context-only", action="store_true", help="only records with a context of their own, as in training"
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON result here (default: print it)")
     args = parser.parse_args(argv)
 
-    from .loading import load_model, load_pruner
+    from sdtp_core.loading import load_model, load_pruner
 
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
     model.requires_grad_(False)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         context_only=args.context_only,
     )
     result = evaluate(model, pruner, examples)
-    from .bench import machine_info
+    from sdtp_core.bench.machine import machine_info
 
     result = {
         "command": "python -m sdtp_core.pruner_eval " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -27,8 +27,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from .pruner import TokenPruner
-from .selection import keep_counts, protected_mask
+from sdtp_core.pruner import TokenPruner
+from sdtp_core.selection import keep_counts, protected_mask
 
 ATTN_NAME = "sdtp_policy"
 _EPS = 1e-6

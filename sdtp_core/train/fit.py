@@ -2,7 +2,7 @@
 
 ``python -m sdtp_core.train fit --saliency-dir SAL --out DIR ...`` (the data settings of Stage 1).
 
-Stage 2 proper (:func:`sdtp_core.train.train_pruner`) runs the frozen model with simulated pruning for
+Stage 2 proper (:func:`sdtp_core.train.stage2.train_pruner`) runs the frozen model with simulated pruning for
 every sample at every optimizer step. On a CPU that allows a few dozen steps an hour: the long-input run
 of ``results/retention.md`` made 40 steps in 64 minutes, its ranking loss still falling. Here the model runs
 once per sample, unpruned, to cache the hidden state at the input of each stage layer (the state Stage 1
@@ -28,12 +28,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .losses import mse_loss_per_sample, rank_loss_per_sample
-from .masked_forward import decoder_parts
-from .pruner import TokenPruner
-from .saliency import SaliencyStore
-from .selection import protected_mask
-from .train_data import Example
+from sdtp_core.bench.quality import spearman
+from sdtp_core.pruner import TokenPruner
+from sdtp_core.selection import protected_mask
+from sdtp_core.train.checkpoints import save_checkpoint, save_pruner, start_step
+from sdtp_core.train.data import Example
+from sdtp_core.train.losses import mse_loss_per_sample, rank_loss_per_sample
+from sdtp_core.train.masked_forward import decoder_parts
+from sdtp_core.train.saliency import SaliencyStore
+from sdtp_core.train.steps import (
+    epoch_order,
+    lr_lambda,
+    optimizer_step,
+    pruner_config,
+    saliency_targets,
+    sample_generator,
+)
 
 
 def feature_dir(saliency_dir: Path, layers: list[int]) -> Path:
@@ -104,18 +114,7 @@ def sample_loss(
 @torch.enable_grad()
 def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
     """Cache the features, then fit a fresh pruner; returns ``OUT/pruner``. ``cfg`` is a
-    :class:`~sdtp_core.train.TrainConfig` (its Stage 2 optimizer, schedule, checkpoint and loss settings)."""
-    from .train import (
-        epoch_order,
-        lr_lambda,
-        optimizer_step,
-        pruner_config,
-        saliency_targets,
-        sample_generator,
-        save_checkpoint,
-        save_pruner,
-        start_step,
-    )
+    :class:`~sdtp_core.train.config.TrainConfig` (its Stage 2 optimizer, schedule, checkpoint and loss settings)."""
 
     out = Path(cfg.out)
     pcfg = pruner_config(cfg, model.config)
@@ -174,10 +173,7 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
 def training_spearman(pruner: TokenPruner, examples: list[Example], features: Path, store: SaliencyStore) -> list:
     """Per stage, the mean over ``examples`` of the Spearman correlation between the pruner's scores and
     ``|saliency|`` on the cached states, over each sample's unprotected prompt tokens: how well the fit fits
-    its own training data (``sdtp_core.pruner_eval`` measures the same on held-out samples)."""
-    from .pruner_eval import spearman
-    from .train import saliency_targets
-
+    its own training data (``sdtp_core.bench.quality`` measures the same on held-out samples)."""
     cfg = pruner.config
     sums = [0.0] * cfg.num_stages
     for e in examples:
