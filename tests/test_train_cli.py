@@ -17,8 +17,8 @@ from test_train_fixtures import tiny_model_dir, toy_dolly
 
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.pruner import TokenPruner
-from sdtp_core.train.data import Example
 from sdtp_core.train.config import build_parser
+from sdtp_core.train.data import Example
 from sdtp_core.train.run import main
 
 SCHEDULE = ["--layers", "1,3,4", "--keep-ratio", "0.7", "--keep-first", "2", "--dtype", "float32"]
@@ -335,3 +335,19 @@ def test_fit_trains_a_query_scorer(work, tmp_path):
     assert main(args) == 0
     pruner = TokenPruner.from_pretrained(out / "pruner")
     assert pruner.config.query and pruner.stages[0].fc1.in_features == 2 * pruner.config.hidden_size
+
+
+def test_recorded_paths_are_portable(work, tmp_path, monkeypatch):
+    from sdtp_core.train.run import portable_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "proj").mkdir()
+    monkeypatch.chdir(tmp_path / "proj")
+    assert portable_path(str(tmp_path / "proj" / "runs" / "x")) == "runs/x"
+    assert portable_path(str(tmp_path / "home" / ".cache" / "m")) == "~/.cache/m"
+    assert portable_path(str(tmp_path / "data" / "d.jsonl")) == "../data/d.jsonl"
+    assert portable_path("Qwen/Qwen2-7B") == "Qwen/Qwen2-7B" and portable_path(None) is None
+    out = tmp_path / "proj" / "run"
+    assert main(_args(work, out, "--epochs", "1")) == 0
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["out"] == "run" and not any(str(v).startswith("/") for v in config.values())

@@ -30,6 +30,19 @@ from sdtp_core.train.stage2 import train_pruner
 from sdtp_core.train.steps import pruner_config, saliency_meta
 
 
+def portable_path(value: str | None) -> str | None:
+    """``value`` as a run's record may show it on any machine: a local path relative to the working
+    directory, or ``~/...`` when it is under the home directory and not under the working directory;
+    anything else (a Hub id, a relative path) unchanged."""
+    if not value or not os.path.isabs(os.path.expanduser(value)):
+        return value
+    path = Path(value).expanduser().resolve()
+    home, cwd = Path.home().resolve(), Path.cwd().resolve()
+    if path.is_relative_to(home) and not path.is_relative_to(cwd):
+        return "~/" + path.relative_to(home).as_posix()
+    return os.path.relpath(path, cwd)
+
+
 def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
     """The frozen model (eval mode, no parameter requires grad), its tokenizer and its resolved path.
 
@@ -67,9 +80,11 @@ def run(cfg: TrainConfig) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        paths = ("model", "data", "out", "saliency_dir", "config")
         effective = {
             **dataclasses.asdict(cfg),
-            "resolved_model": model_name,
+            **{k: portable_path(getattr(cfg, k)) for k in paths},
+            "resolved_model": portable_path(model_name),
             "pruner": pcfg.to_dict(),
             "num_examples": len(examples),
             "num_processes": accelerator.num_processes,
