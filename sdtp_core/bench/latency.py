@@ -300,5 +300,3 @@ def main(argv: list[str] | None = None) -> dict:
         write_report(report, args.json)
         print(f"wrote {args.json} and its .md and .png")
     return report
-
-
