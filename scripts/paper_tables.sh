@@ -8,7 +8,8 @@
 #   bash scripts/paper_tables.sh ablations  # Tables 4/5: pruners trained without rank / rank+MSE losses
 #
 # table1 runs in the peers environment (kvpress and LLMLingua; kvpress pins transformers<5.3: docs/peers.md);
-# the others run in the main one. Outputs: results/ for reports, $RUNS (default runs/, ignored by git) for lm-eval outputs.
+# the others run in the main one. Outputs: results/paper_tables/ (and results/peers/ for table1's speed run) for
+# reports, $RUNS (default runs/, ignored by git) for lm-eval outputs.
 set -eu
 RUNS=${RUNS:-runs}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -26,7 +27,7 @@ case ${1:-} in
     done
     python -m sdtp_eval.peers.long_text --lengths 2048 --docs 5 --continuation 64 \
       --presses streaming_llm snapkv observed_attention knorm tova --ratio $MATCHED --sdtp-press-ratio 0.5 \
-      --sdtp-low 0.95 --llmlingua 0.65 --dtype bfloat16 --threads 1 --out results/table1_speed_cpu
+      --sdtp-low 0.95 --llmlingua 0.65 --dtype bfloat16 --threads 1 --out results/peers/table1_speed_cpu
     # labels = the speed report's method names, so the table can join them
     runs=(dense sdtp=attention sdtp_low streaming_llm snapkv observed_attention=h2o knorm tova sdtp+snapkv=sdtp_snapkv
           llmlingua)
@@ -37,13 +38,14 @@ case ${1:-} in
       samples+=("$label=$dir")
       [ "$label" = dense ] || records+=("$label=$dir")
     done
-    python -m sdtp_eval.retention.paired --metric score --samples "${samples[@]}" --out results/table1_longbench_cpu
-    python -m sdtp_eval.peers.tradeoff --scores results/table1_longbench_cpu.json --speed results/table1_speed_cpu.json \
-      --length 2048 --records "${records[@]}" --out results/table1_tradeoff_cpu
+    python -m sdtp_eval.retention.paired --metric score --samples "${samples[@]}" --out results/paper_tables/table1_longbench_cpu
+    python -m sdtp_eval.peers.tradeoff --scores results/paper_tables/table1_longbench_cpu.json \
+      --speed results/peers/table1_speed_cpu.json --length 2048 --records "${records[@]}" \
+      --out results/paper_tables/table1_tradeoff_cpu
     ;;
   table2)
     python -m sdtp_core.bench --pruner attention --lengths 1024 2048 4096 8192 16384 --new-tokens 32 --reps 2 \
-      --json results/table2_latency_cpu.json
+      --json results/paper_tables/table2_latency_cpu.json
     ;;
   ablations)
     # The long-input pruner (all three losses), then Stage 2 alone on its saliency without the ranking

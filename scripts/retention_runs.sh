@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The lm_eval runs behind results/retention.md (LongBench generation) and results/table3_cpu.md (issue 11).
+# The lm_eval runs behind results/retention/, results/training/ and the paper's Table 3 in results/paper_tables/
+# (issue 11); the history of these runs: docs/history.md.
 #
 #   bash scripts/retention_runs.sh lbgen dense        # LongBench generation, one configuration
 #   bash scripts/retention_runs.sh lbgen llmlingua 10 # the same, first 10 rows of each task (into lbgen10/)
@@ -136,21 +137,21 @@ table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test 
 }
 
 t3report() {  # one paired report per Table 3 task, dense against each named configuration that ran it:
-  # results/table3_$DTYPE/TASK.{json,md,png}, committed as each task finishes (runs/ does not move between
-  # machines); all tasks at once: paired --samples dense='results/table3_float32/*.json:dense' ...
+  # results/paper_tables/table3_$DTYPE/TASK.{json,md,png}, whose JSON is committed as each task finishes (runs/ does
+  # not move between machines); all tasks at once: paired --samples dense='results/paper_tables/table3_float32/*.json:dense' ...
   local task name samples
   for task in "${T3[@]}"; do
     [ -d "$RUNS/t3/dense/$task" ] || continue
     samples=("dense=$RUNS/t3/dense/$task")
     for name in "$@"; do [ -d "$RUNS/t3/$name/$task" ] && samples+=("$name=$RUNS/t3/$name/$task"); done
     [ ${#samples[@]} -gt 1 ] || continue
-    python -m sdtp_eval.retention.paired --metric acc --samples "${samples[@]}" --out "results/table3_$DTYPE/$task"
+    python -m sdtp_eval.retention.paired --metric acc --samples "${samples[@]}" --out "results/paper_tables/table3_$DTYPE/$task"
   done
 }
 
 t3long() {  # one configuration on just the Table 3 documents with an input of at least min_prompt_tokens
   # (256) tokens, the only ones the default policy prunes (CB 2, BoolQ 230): `paired --fill default=dense`
-  # completes the default column with dense's values (results/retention.md)
+  # completes the default column with dense's values (results/paper_tables/README.md, Table 3)
   local name=$1 docs="$RUNS/t3_long_docs.json"
   [ -d "$RUNS/t3long/$name" ] && return
   [ -f "$docs" ] || python -m sdtp_eval.retention.long_prompts --tasks "${T3[@]}" --out "$docs" || return
@@ -180,13 +181,13 @@ json.dump({task: list(range(first, min(first + count, n)))}, open(sys.argv[4], "
 }
 
 t3partreport() {  # the paired report of one chunk, dense against CONFIG (both must have run it):
-  # results/table3_$DTYPE/TASK_FIRST (zero-padded), which the all-task glob merges by document
+  # results/paper_tables/table3_$DTYPE/TASK_FIRST (zero-padded), which the all-task glob merges by document
   local name=$1 task=$2 first=$3 run
   for run in dense "$name"; do
     [ -d "$RUNS/t3part/$run/${task}_$first" ] || { echo "no $run run of ${task}_$first" >&2; return 1; }
   done
   python -m sdtp_eval.retention.paired --metric acc --samples "dense=$RUNS/t3part/dense/${task}_$first" \
-    "$name=$RUNS/t3part/$name/${task}_$first" --out "results/table3_$DTYPE/${task}_$(printf %04d "$first")"
+    "$name=$RUNS/t3part/$name/${task}_$first" --out "results/paper_tables/table3_$DTYPE/${task}_$(printf %04d "$first")"
 }
 
 ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), one length
