@@ -1,4 +1,5 @@
-"""Unit tests of ``sdtp_eval.compare``'s result parsing and report, on hand-made lm-eval results dicts."""
+"""Unit tests of ``sdtp_eval.compare`` and ``sdtp_eval.compare_report``: result parsing and report, on hand-made lm-eval
+results dicts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdtp_eval import compare as C
+from sdtp_eval import compare_report as R
 
 # Shaped like lm-eval 0.4.13's results JSON: a plain task, a task with two filters, a LongBench-E group
 # with length buckets (one empty: NaN) and an N/A stderr, and a task whose only metric is N/A.
@@ -45,7 +47,7 @@ RESULTS = {
 
 
 def test_task_scores_keeps_every_metric_filter_and_stderr():
-    scores = C.task_scores(RESULTS)
+    scores = R.task_scores(RESULTS)
     assert scores["copa"] == {"acc,none": 0.625, "acc_stderr,none": 0.18298}
     assert scores["gsm8k"] == {
         "exact_match,strict-match": 0.25,
@@ -66,7 +68,7 @@ def test_task_scores_keeps_every_metric_filter_and_stderr():
 
 
 def test_skipped_scores_lists_what_has_no_value():
-    assert C.skipped_scores(RESULTS) == [
+    assert R.skipped_scores(RESULTS) == [
         {"task": "longbench_e", "metric": "score_8k+,none", "value": "nan"},
         {"task": "broken", "metric": "f1,none", "value": "N/A"},
         {"task": "broken", "metric": "bleu,none", "value": "None"},
@@ -74,9 +76,9 @@ def test_skipped_scores_lists_what_has_no_value():
 
 
 def test_keys():
-    assert C.split_key("exact_match,flexible-extract") == ("exact_match", "flexible-extract")
-    assert C.stderr_key("score_0-4k,none") == "score_0-4k_stderr,none"
-    assert C.metric_keys(RESULTS["results"]["longbench_e"]) == [
+    assert R.split_key("exact_match,flexible-extract") == ("exact_match", "flexible-extract")
+    assert R.stderr_key("score_0-4k,none") == "score_0-4k_stderr,none"
+    assert R.metric_keys(RESULTS["results"]["longbench_e"]) == [
         "score,none",
         "score_0-4k,none",
         "score_4-8k,none",
@@ -106,8 +108,8 @@ def _run(name: str, results: dict, wall: float, load: float | None, evaluation: 
         "wall_seconds": wall,
         "load_seconds": load,
         "evaluation_seconds": evaluation,
-        "scores": C.task_scores(results),
-        "skipped": C.skipped_scores(results),
+        "scores": R.task_scores(results),
+        "skipped": R.skipped_scores(results),
         "n_shot": results["n-shot"],
         "n_samples": {t: v["effective"] for t, v in results["n-samples"].items()},
         "sdtp": None,
@@ -124,7 +126,7 @@ def test_ratios_and_markdown():
     C.add_ratios(runs)
     assert [r["wall_ratio_to_first"] for r in runs] == [1.0, 1.5, 0.5]
     assert [r["evaluation_ratio_to_first"] for r in runs] == [1.0, 0.5, None]
-    md = C.format_markdown({"command": "python -m sdtp_eval.compare --tasks copa", "runs": runs})
+    md = R.format_markdown({"command": "python -m sdtp_eval.compare --tasks copa", "runs": runs})
     assert "| task | metric | filter | n-shot | n | hf | sdtp | x |" in md
     assert "| copa | acc | none | 0 | 8 | 0.6250 ± 0.1830 | 0.5000 ± 0.1830 | 0.6250 ± 0.1830 |" in md
     assert "| gsm8k | exact_match | strict-match | 5 | 4 |" in md
@@ -144,18 +146,18 @@ def test_markdown_without_footnotes():
     results = {"results": {"copa": RESULTS["results"]["copa"]}, "n-shot": {"copa": 0}, "n-samples": {}}
     run = _run("hf", results, 1.0, 0.5, 0.25)
     C.add_ratios([run])
-    md = C.format_markdown({"command": "c", "runs": [run]})
+    md = R.format_markdown({"command": "c", "runs": [run]})
     assert "Not shown" not in md and "Values without ±" not in md
 
 
 def test_main_metric_prefers_known_metrics_and_filter_none():
-    runs = [{"scores": C.task_scores(RESULTS)}]
-    assert C.main_metric(runs, "copa") == "acc,none"
-    assert C.main_metric(runs, "gsm8k") == "exact_match,strict-match"
-    assert C.main_metric(runs, "longbench_e") == "score,none"
+    runs = [{"scores": R.task_scores(RESULTS)}]
+    assert R.main_metric(runs, "copa") == "acc,none"
+    assert R.main_metric(runs, "gsm8k") == "exact_match,strict-match"
+    assert R.main_metric(runs, "longbench_e") == "score,none"
     runs = [{"scores": {"t": {"f1,none": 0.1, "exact_match,flex": 0.2, "exact_match,none": 0.3}}}]
-    assert C.main_metric(runs, "t") == "exact_match,none"
-    assert C.main_metric([{"scores": {"t": {"f1,none": 0.1}}}], "t") == "f1,none"
+    assert R.main_metric(runs, "t") == "exact_match,none"
+    assert R.main_metric([{"scores": {"t": {"f1,none": 0.1}}}], "t") == "f1,none"
 
 
 def test_timed_lm_eval_times_model_construction_and_evaluate(tmp_path, monkeypatch):
