@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sdtp_core.question_features import parse_feature
+
 CONFIG_NAME = "config.json"
 INPUT_NORMS = ("none", "rms")
 
@@ -67,6 +69,11 @@ class PrunerConfig:
             stage's MLP reads ``[x, x * q]``: ``x`` the token's RMS-normalised state, ``q`` the mean
             RMS-normalised state of the prompt's protected most recent tokens. Needs ``input_norm="rms"``.
             Configs written before this field existed load as ``False``.
+        features: question-aware inputs (not in the paper; :mod:`sdtp_core.question_features`): each stage also
+            reads, per token, the attention the prompt's last ``feature_window`` slots pay it in the stage layer and
+            that attention's maximum over spans around it (``attn``, ``span:B:A``, ``line:B:A``), through a second
+            small MLP whose score adds to the hidden-state MLP's. Empty: the paper's scorer.
+        feature_window: how many of the most recent slots the ``features`` read the attention of.
     """
 
     hidden_size: int
@@ -78,10 +85,13 @@ class PrunerConfig:
     mlp_ratio: float = 0.125
     input_norm: str = "none"
     query: bool = False
+    features: list[str] = field(default_factory=list)
+    feature_window: int = 64
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
         self.keep_ratios = [float(x) for x in self.keep_ratios]
+        self.features = [str(x) for x in self.features]
         self.validate()
 
     @classmethod
@@ -142,6 +152,15 @@ class PrunerConfig:
             raise PrunerConfigError(f"input_norm {self.input_norm!r} is not one of {', '.join(INPUT_NORMS)}")
         if self.query and self.input_norm != "rms":
             raise PrunerConfigError("query scorers read RMS-normalised states: set input_norm to 'rms'")
+        for spec in self.features:
+            try:
+                parse_feature(spec)
+            except ValueError as e:
+                raise PrunerConfigError(str(e)) from e
+        if len(set(self.features)) != len(self.features) or self.feature_window < 1:
+            raise PrunerConfigError(
+                f"features must be distinct and feature_window >= 1, got {self.features}, {self.feature_window}"
+            )
 
     def check_model(self, model_config) -> None:
         """Raise if this pruner was built for a model of another shape than ``model_config``."""

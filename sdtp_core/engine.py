@@ -21,8 +21,8 @@ from transformers import DynamicCache
 from sdtp_core.attention import layout_mask
 from sdtp_core.cache import PrunedCache
 from sdtp_core.pruner import TokenPruner
-from sdtp_core.scorers import segment_ids
 from sdtp_core.selection import compact, keep_counts, protected_mask, select
+from sdtp_core.spans import segment_ids
 from sdtp_core.timing import StageTimer, stage
 
 

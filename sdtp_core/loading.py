@@ -12,6 +12,7 @@ from sdtp_core.embedded import resolve_pretrained
 from sdtp_core.oracle import ORACLE, SaliencyOracle
 from sdtp_core.pruner import TokenPruner
 from sdtp_core.scorers import PRESETS, RankUnion, is_training_free, needs_tokenizer, training_free
+from sdtp_core.spans import sentence_ends
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -185,6 +186,8 @@ def load_pruner(
         cfg["keep_ratios"] = geometric_keep_ratios(len(cfg["layers"]), keep_ratio)
         pruner.config = PrunerConfig(**cfg)
     pruner.config.check_model(model.config)
+    if pruner.needs_lines:  # its features stay within lines: it reads the line ends from the tokenizer
+        pruner.set_line_ends(sentence_ends(tokenizer or _saved_tokenizer(model), model.config.vocab_size, "\n"))
     pruner.source = str(spec)
     return pruner
 

@@ -38,8 +38,16 @@ def mask_simulated_forward(model, pruner, ids: list[int], n_prompt: int | None =
     for i, layer in enumerate(inner.layers):
         if i in stage_at:
             s = stage_at[i]
-            positions, valid = torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool)
-            scores = pruner.score(s, hidden, positions=positions, lengths=torch.tensor([n_prompt]), valid=valid)
+            # the engine's scorer context: live slots (dead tokens are hidden keys here), the stage layer, RoPE
+            context = dict(
+                positions=torch.arange(n)[None],
+                lengths=torch.tensor([n_prompt]),
+                valid=torch.tensor([alive]),
+                layer=layer,
+                position_embeddings=rope,
+                protected=torch.tensor([[j in protected for j in range(n)]]),
+            )
+            scores = pruner.score(s, hidden, **context)
             scores = scores[0].tolist()
             live = [j for j in range(n_prompt) if alive[j]]
             keep = keep_count(cfg.keep_ratios[s], n_prompt)

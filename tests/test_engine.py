@@ -67,11 +67,18 @@ def test_greedy_generation_token_identical_to_model_generate(arch):
         assert torch.equal(out.sequences, ref)
 
 
-@pytest.mark.parametrize("query", [False, True])
+@pytest.mark.parametrize("scorer", ["mlp", "query", "attention_feature"])
 @pytest.mark.parametrize("n", [5, 12, 40, 97])
-def test_pruned_logits_equal_mask_simulated_forward(arch, n, query):
+def test_pruned_logits_equal_mask_simulated_forward(arch, n, scorer):
+    """The oracle hides dropped tokens by masks; a scorer reading the tail's attention sees the same live keys.
+    (The feature window is the protected tail, whose slots are the last ones in both.)"""
     model = tiny_model(arch)
-    pruner = tiny_pruner(model, query=query, input_norm="rms" if query else "none")
+    kw = {
+        "mlp": {},
+        "query": {"query": True, "input_norm": "rms"},
+        "attention_feature": {"features": ["attn"], "feature_window": math.ceil(0.1 * n)},
+    }[scorer]
+    pruner = tiny_pruner(model, **kw)
     ids = prompt(n, seed=n)
     out = SDTPEngine(model, pruner).prefill(ids, logits_to_keep=0)
     ref_logits, alive = mask_simulated_forward(model, pruner, ids[0].tolist())

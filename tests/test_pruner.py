@@ -295,8 +295,8 @@ def test_pooled_attention_scorer_takes_the_neighbourhood_maximum_and_ignores_pad
 def test_pooling_keeps_the_span_around_the_attended_token_whole():
     """A hand-made case: one token gets all the attention; with pool 5 its 2 neighbours on each side share its
     score, so a stage keeping 5 of 20 candidates keeps exactly that span (unpooled, only the token is sure)."""
-    from sdtp_core.scorers import span_max
     from sdtp_core.selection import select
+    from sdtp_core.spans import span_max
 
     scores = torch.full((1, 20), 0.01)
     scores[0, 9] = 1.0
@@ -312,8 +312,8 @@ def test_pooling_keeps_the_span_around_the_attended_token_whole():
 def test_spread_keeps_what_follows_the_attended_token():
     """A hand-made key/value case: the queries attend to a key (slots 4-5); the value is slots 6-9. A centred
     pool of 5 keeps slots 2-7 and cuts the value; a span of 4 before and 0 after keeps the key and all the value."""
-    from sdtp_core.scorers import span_max
     from sdtp_core.selection import select
+    from sdtp_core.spans import span_max
 
     scores = torch.full((1, 20), 0.01)
     scores[0, 4:6] = 1.0
@@ -487,7 +487,7 @@ def test_union_is_loaded_by_name_at_one_schedule_and_bad_unions_fail(tmp_path):
 
 def test_segment_ids_number_sentences_and_end_tokens_belong_to_their_sentence():
     """By hand: ids 7 and 9 end sentences; padding gets -1; a sentence's end token is its last member."""
-    from sdtp_core.scorers import segment_ids
+    from sdtp_core.spans import segment_ids
 
     ends = torch.zeros(12, dtype=torch.bool)
     ends[[7, 9]] = True
@@ -502,7 +502,7 @@ def test_segment_ids_number_sentences_and_end_tokens_belong_to_their_sentence():
 def test_segment_ids_join_a_unit_shorter_than_min_tokens_to_the_next():
     """By hand: lines of 2, 5, 1, 1 and 3 tokens (id 9 ends a line). With min_tokens 3 the 2-token line joins
     the 5-token one, and the two 1-token lines join the last; padding counts for nothing."""
-    from sdtp_core.scorers import segment_ids
+    from sdtp_core.spans import segment_ids
 
     ends = torch.zeros(12, dtype=torch.bool)
     ends[9] = True
@@ -532,7 +532,7 @@ def test_unit_of_parses_the_unit_and_its_fewest_tokens():
 def test_segment_span_max_matches_a_brute_force_maximum_within_each_sentence():
     """Against the definition, on random scores, sentences and spans: each live slot's highest score among the
     slots up to B before and A after it that share its sentence; padding gets 0."""
-    from sdtp_core.scorers import segment_span_max
+    from sdtp_core.spans import segment_span_max
 
     gen = torch.Generator().manual_seed(0)
     for _ in range(100):
@@ -554,8 +554,8 @@ def test_within_sentences_an_attended_key_keeps_its_sentence_and_not_the_next():
     """A hand-made key/value case: the queries attend to a key (slots 4-5) whose sentence is slots 2-9 (value
     6-9). The plain spread of 6 before and 4 after also lifts slots 10-13 of the next sentence, and a stage keeping
     8 tokens cuts into the value's sentence tie by slot order; within sentences it keeps exactly slots 2-9."""
-    from sdtp_core.scorers import segment_span_max, span_max
     from sdtp_core.selection import select
+    from sdtp_core.spans import segment_span_max, span_max
 
     scores = torch.full((1, 20), 0.01)
     scores[0, 4:6] = 1.0
@@ -575,7 +575,8 @@ def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every
     ``min_unit_tokens`` joined to the next), gathered to the surviving slots (so pruning a sentence's end token
     does not merge it with the next); left padding gets -1."""
     from sdtp_core.loading import load_pruner
-    from sdtp_core.scorers import AttentionScorer, segment_ids
+    from sdtp_core.scorers import AttentionScorer
+    from sdtp_core.spans import segment_ids
 
     model = tiny_model()
     base = load_pruner("attention:8:6:2", model, layers=[1, 3, 4], keep_ratio=0.7)
@@ -612,7 +613,7 @@ def test_the_default_line_reads_line_ends_from_the_tokenizer(tiny_hf_dir):
 
     from sdtp_core.config import earlier_layers
     from sdtp_core.loading import load_pruner
-    from sdtp_core.scorers import sentence_ends
+    from sdtp_core.spans import sentence_ends
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
     ends = sentence_ends(tokenizer, 151936)

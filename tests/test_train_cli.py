@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_fixtures import tiny_model_dir, toy_dolly
+from test_train_fixtures import char_tokenizer, tiny_model_dir, toy_dolly
 
 from sdtp_core.engine import SDTPEngine
 from sdtp_core.pruner import TokenPruner
@@ -335,6 +335,44 @@ def test_fit_trains_a_query_scorer(work, tmp_path):
     assert main(args) == 0
     pruner = TokenPruner.from_pretrained(out / "pruner")
     assert pruner.config.query and pruner.stages[0].fc1.in_features == 2 * pruner.config.hidden_size
+
+
+def test_fit_trains_question_aware_features_and_resumes(work, tmp_path, capsys):
+    """--features: the fit stage computes each sample's features once from the stage layers (line ends from the
+    tokenizer), fits both MLPs, resumes bit-identically, and the saved pruner runs in the engine."""
+    from transformers import AutoModelForCausalLM
+
+    common = (
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--features",
+        "attn,span:4:1,line:8:2",
+        "--feature-window",
+        "3",
+    )
+    ref, sliced = tmp_path / "ref", tmp_path / "sliced"
+    assert main(_fit_args(work, ref, *common)) == 0
+    assert main(_fit_args(work, sliced, *common, "--stop-after-steps", "3")) == 0
+    assert main(_fit_args(work, sliced, *common, "--resume")) == 0
+    a, b = _weights(ref), _weights(sliced)
+    assert any(k.startswith("stages.0.feature_mlp") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    pruner = TokenPruner.from_pretrained(ref / "pruner")
+    assert pruner.config.features == ["attn", "span:4:1", "line:8:2"] and pruner.config.feature_window == 3
+    assert json.loads((ref / "train_config.json").read_text())["features"] == pruner.config.features
+
+    from sdtp_core.loading import load_pruner
+
+    model = AutoModelForCausalLM.from_pretrained(work["model"]).eval()
+    loaded = load_pruner(str(ref / "pruner"), model)  # line ends from the tokenizer saved beside the model
+    newline = char_tokenizer()("\n", add_special_tokens=False)["input_ids"][0]
+    assert bool(loaded.sentence_ends[newline]) and int(loaded.sentence_ends.sum()) == 1
+    ids = torch.tensor([char_tokenizer()("line one\nline two\n" * 3, add_special_tokens=False)["input_ids"]])
+    assert SDTPEngine(model, loaded).prefill(ids, use_cache=False).kept_counts[0, -1] < ids.shape[1]
+    # Stage 2 cannot train them (its masked forward scores prompt and response together)
+    assert main(_args(work, tmp_path / "s2", "--features", "default")) == 2
+    assert "train with the fit stage" in capsys.readouterr().err
 
 
 def test_recorded_paths_are_portable(work, tmp_path, monkeypatch):

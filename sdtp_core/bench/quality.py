@@ -1,4 +1,4 @@
-"""How well does a trained pruner predict saliency? ``python -m sdtp_core.pruner_eval --pruner DIR ...``.
+"""How well does a trained pruner predict saliency? ``python -m sdtp_core.bench.quality --pruner DIR ...``.
 
 On held-out samples (use ``--skip`` to leave out the records a training run used), for every stage:
 
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from sdtp_core.pruner import TokenPruner
 from sdtp_core.selection import keep_counts, protected_mask
+from sdtp_core.spans import segment_ids
 from sdtp_core.train.data import Example, collate, load_examples
 from sdtp_core.train.masked_forward import decoder_parts
 from sdtp_core.train.saliency import compute_saliency
@@ -68,6 +69,23 @@ def _stage_inputs(model, input_ids: torch.Tensor, layers: list[int], recent: tor
     return hidden, attention
 
 
+@torch.no_grad()
+def prompt_scores(pruner, inner, stage: int, hidden, positions, lengths, valid, protect, segments) -> torch.Tensor:
+    """(prompt_len,) the pruner's scores of one unpruned prompt at ``stage``, with the context the engine gives
+    (the stage's layer of the decoder ``inner`` and its rotary tables, the protected slots and lines, for
+    question-aware features)."""
+    context = {
+        "positions": positions,
+        "lengths": lengths,
+        "valid": valid,
+        "layer": inner.layers[pruner.config.layers[stage]],
+        "position_embeddings": inner.rotary_emb(hidden, positions),
+        "protected": protect[: hidden.shape[1]][None].to(hidden.device),
+        "segments": segments,
+    }
+    return pruner.score(stage, hidden, **context).float()[0].cpu()
+
+
 def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0) -> dict:
     """Per-stage mean Spearman and top-k overlap of the pruner and the two baselines (see module doc)."""
     cfg = pruner.config
@@ -75,7 +93,8 @@ def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0)
     sums = {name: {"spearman": [0.0] * cfg.num_stages, "overlap": [0.0] * cfg.num_stages} for name in SCORERS}
     counted = [0] * cfg.num_stages
     device = next(model.parameters()).device
-    for e in tqdm(examples, desc="pruner_eval", unit="sample"):
+    inner, _ = decoder_parts(model)
+    for e in tqdm(examples, desc="pruner quality", unit="sample"):
         batch = collate([e]).to(device)
         saliency = compute_saliency(model, batch.input_ids, batch.labels, cfg.layers)[0].abs().cpu()
         prompt = batch.prompt_mask[0].cpu()
@@ -83,9 +102,12 @@ def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0)
         candidates = prompt & ~protect
         recent = protect.nonzero().flatten()[-max(1, int(protect[e.prompt_len // 2 :].sum())) :]
         hidden, attention = _stage_inputs(model, batch.input_ids, cfg.layers, recent.to(device))
-        n_prompt = torch.tensor([e.prompt_len])
-        positions = torch.arange(e.length, device=device)[None]
-        real = torch.ones(1, e.length, dtype=torch.bool, device=device)
+        n = e.prompt_len
+        n_prompt = torch.tensor([n])
+        positions = torch.arange(n, device=device)[None]
+        real = torch.ones(1, n, dtype=torch.bool, device=device)
+        ends = getattr(pruner, "sentence_ends", None)  # line ends of a pruner whose features stay within lines
+        segments = segment_ids(batch.input_ids[:, :n], real, ends) if ends is not None else None
         for s in range(cfg.num_stages):
             c = candidates.nonzero().flatten()
             if c.numel() < 2:
@@ -94,9 +116,9 @@ def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0)
             k = max(0, min(k, c.numel()))
             target = saliency[s, c]
             scores = {
-                "pruner": pruner.score(s, hidden[s], positions=positions, lengths=n_prompt, valid=real)
-                .float()[0]
-                .cpu()[c],
+                "pruner": prompt_scores(
+                    pruner, inner, s, hidden[s][:, :n], positions, n_prompt, real, protect, segments
+                )[c],
                 "random": torch.rand(c.numel(), generator=generator),
                 "attention": attention[s].float().cpu()[c],
             }
@@ -115,7 +137,7 @@ def evaluate(model, pruner: TokenPruner, examples: list[Example], seed: int = 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdtp_core.pruner_eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sdtp_core.bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pruner", required=True, help="trained pruner directory (OUT/pruner)")
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded model)")
     parser.add_argument("--data", required=True, help="held-out data (the formats of training --data)")
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdtp_core.bench.machine import machine_info
 
     result = {
-        "command": "python -m sdtp_core.pruner_eval " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m sdtp_core.bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
         "pruner": args.pruner,
         "data": args.data,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdtp_core.loading import DTYPES
+from sdtp_core.question_features import DEFAULT_FEATURES, parse_feature
 from sdtp_core.train.data import DEFAULT_DATA, FORMATS
 
 STAGES = ("saliency", "prune", "all", "fit")
@@ -41,6 +42,8 @@ class TrainConfig:
     mlp_ratio: float = 0.125
     scorer_input_norm: str = "none"
     scorer_query: bool = False
+    features: list[str] | None = None
+    feature_window: int = 64
     saliency_batch_size: int = 1
     shard_size: int = 64
     epochs: int = 1
@@ -107,6 +110,16 @@ class TrainConfig:
             raise TrainConfigError("--warmup must be in [0, 1) and --min-lr-ratio in [0, 1]")
         if self.stage != "saliency" and self.loss_weights() == (0.0, 0.0, 0.0):
             raise TrainConfigError("all loss terms are disabled: nothing to train")
+        if self.features and self.stage in ("prune", "all"):
+            raise TrainConfigError(
+                "--features train with the fit stage (it reads the unpruned prompt's attention): run "
+                "'saliency', then 'fit'"
+            )
+        for spec in self.features or []:
+            try:
+                parse_feature(spec)
+            except ValueError as e:
+                raise TrainConfigError(str(e)) from e
         if self.stage == "fit" and self.loss_weights()[1:] == (0.0, 0.0):
             raise TrainConfigError("the fit stage trains on the MSE and ranking losses only; both are disabled")
 
@@ -169,6 +182,11 @@ HELP = {
     "mean square first; the hidden-state norm grows ~6x with depth)",
     "scorer_query": "each scorer also reads the mean state of the prompt's protected most recent tokens, where "
     "the question of a long-context prompt sits (not in the paper; needs --scorer-input-norm rms)",
+    "features": "question-aware scorer inputs, comma-separated (attn, span:B:A, line:B:A; 'default': "
+    + ",".join(DEFAULT_FEATURES)
+    + "): the attention the prompt's last tokens pay each token at the stage layer, max over spans around it; "
+    "trained with the fit stage (not in the paper; sdtp_core/question_features.py)",
+    "feature_window": "how many of the prompt's most recent tokens the features read the attention of",
     "saliency_batch_size": "samples per Stage 1 forward/backward",
     "shard_size": "samples per Stage 1 safetensors shard (the unit of resumption)",
     "epochs": "Stage 2 passes over the data",
@@ -195,6 +213,11 @@ HELP = {
     "continue with --resume)",
     "threads": "torch CPU threads (default: torch's choice)",
 }
+
+
+def _feature_list(text: str) -> list[str]:
+    names = [x for x in str(text).replace(" ", "").split(",") if x]
+    return list(DEFAULT_FEATURES) if names == ["default"] else names
 
 
 def _int_list(text: str) -> list[int]:
@@ -228,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
         elif f.name == "layers":
             p.add_argument(flag, type=_int_list, default=None, help=HELP[f.name])
+        elif f.name == "features":
+            p.add_argument(flag, type=_feature_list, default=None, help=HELP[f.name])
         else:
             kind = {"int": int, "float": float}.get(type(default).__name__, str)
             if f.name in ("max_samples", "stop_after_steps", "threads"):
@@ -257,6 +282,8 @@ def load_file_settings(path: str) -> dict:
         raise TrainConfigError(f"config file {file} has unknown settings {unknown}")
     if isinstance(settings.get("layers"), str):
         settings["layers"] = _int_list(settings["layers"])
+    if isinstance(settings.get("features"), str):
+        settings["features"] = _feature_list(settings["features"])
     return settings
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from sdtp_core.bench.quality import spearman
 from sdtp_core.pruner import TokenPruner
 from sdtp_core.selection import protected_mask
+from sdtp_core.spans import segment_ids
 from sdtp_core.train.checkpoints import save_checkpoint, save_pruner, start_step
 from sdtp_core.train.data import Example
 from sdtp_core.train.losses import mse_loss_per_sample, rank_loss_per_sample
@@ -85,6 +86,31 @@ def whole_prompt(n: int, cfg) -> tuple[torch.Tensor, dict]:
     return decided, context
 
 
+@torch.no_grad()
+def stage_features(model, pruner: TokenPruner, ids: list[int], hidden: torch.Tensor, line_ends=None):
+    """(stages, prompt_len, F) the question-aware features (:mod:`sdtp_core.question_features`) of a sample from
+    its cached states ``hidden`` (stages, prompt_len, hidden) and prompt token ``ids``, each stage's computed with
+    its decoder layer, as the engine computes them on the unpruned prompt; None for a pruner without features.
+    ``line_ends``: the tokenizer's line ends (:func:`~sdtp_core.spans.sentence_ends`), for ``line`` features."""
+    cfg = pruner.config
+    if not cfg.features:
+        return None
+    inner, _ = decoder_parts(model)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    decided, context = whole_prompt(hidden.shape[1], cfg)
+    valid, positions = context["valid"].to(device), context["positions"].to(device)
+    segments = None
+    if line_ends is not None:
+        segments = segment_ids(torch.tensor([ids[: hidden.shape[1]]], device=device), valid, line_ends)
+    out = []
+    for s, layer in enumerate(cfg.layers):
+        h = hidden[s][None].to(device, dtype)
+        rope = inner.rotary_emb(h, positions)
+        kw = {"layer": inner.layers[layer], "position_embeddings": rope, "valid": valid, "segments": segments}
+        out.append(pruner.features(h, protected=~decided.to(device), **kw)[0].float().cpu())
+    return torch.stack(out)
+
+
 def sample_loss(
     pruner: TokenPruner,
     hidden: torch.Tensor,
@@ -92,17 +118,22 @@ def sample_loss(
     weights: tuple[float, float],
     max_pairs: int,
     generator: torch.Generator,
+    features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, mse, rank) of one sample, summed over stages, on its unprotected prompt tokens.
 
     Args:
         hidden: (stages, prompt_len, hidden) cached states; target: (stages, prompt_len) ``|saliency|``.
         weights: ``(w_mse, w_rank)``.
+        features: (stages, prompt_len, F) the question-aware features (:func:`stage_features`), if the pruner has
+            any.
     """
     cfg = pruner.config
     decided, context = whole_prompt(hidden.shape[1], cfg)
     mse = rank = torch.zeros(1)
     for s in range(cfg.num_stages):
+        if features is not None:
+            context["features"] = features[s][None]
         pred = pruner.score(s, hidden[s][None].float(), **context).float()
         if weights[0] > 0:
             mse = mse + mse_loss_per_sample(pred, target[s][None], decided)
@@ -112,9 +143,10 @@ def sample_loss(
 
 
 @torch.enable_grad()
-def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
+def fit_pruner(cfg, model, examples: list[Example], model_name: str, line_ends: torch.Tensor | None = None) -> Path:
     """Cache the features, then fit a fresh pruner; returns ``OUT/pruner``. ``cfg`` is a
-    :class:`~sdtp_core.train.config.TrainConfig` (its Stage 2 optimizer, schedule, checkpoint and loss settings)."""
+    :class:`~sdtp_core.train.config.TrainConfig` (its Stage 2 optimizer, schedule, checkpoint and loss settings);
+    ``line_ends`` the tokenizer's line ends, needed by ``line`` question-aware features."""
 
     out = Path(cfg.out)
     pcfg = pruner_config(cfg, model.config)
@@ -126,6 +158,13 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
 
     torch.manual_seed(cfg.seed)
     pruner = TokenPruner(pcfg).float().train()
+    question = {}  # sample id -> its question-aware features, computed once (they do not depend on the weights)
+
+    def features_of(e: Example, hidden: torch.Tensor) -> torch.Tensor | None:
+        if e.sample_id not in question:
+            question[e.sample_id] = stage_features(model, pruner, e.ids, hidden, line_ends)
+        return question[e.sample_id]
+
     optimizer = torch.optim.AdamW(pruner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = math.ceil(len(examples) / batch)
@@ -145,7 +184,8 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
             hidden = load_file(str(features / f"feat-{e.sample_id}.safetensors"))["h"]
             target = saliency_targets(store, [e], pcfg.layers, e.length)[:, 0, : e.prompt_len]
             generator = sample_generator(cfg.seed, step, e.sample_id)
-            total, mse, rank = sample_loss(pruner, hidden, target, (w_mse, w_rank), cfg.max_pairs, generator)
+            qf = features_of(e, hidden)
+            total, mse, rank = sample_loss(pruner, hidden, target, (w_mse, w_rank), cfg.max_pairs, generator, qf)
             (total.sum() / len(chosen)).backward()
             sums += torch.tensor([float(x.detach().sum()) for x in (total, mse, rank)], dtype=torch.float64)
         grad_norm, lr = optimizer_step(pruner, optimizer, scheduler, cfg.max_grad_norm)
@@ -163,14 +203,16 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str) -> Path:
     if stop_at == total_steps:
         save_pruner(pruner, final)
         summary = {"num_samples": len(examples), "layers": pcfg.layers}
-        summary["train_spearman"] = training_spearman(pruner.eval(), examples, features, store)
+        summary["train_spearman"] = training_spearman(pruner.eval(), examples, features, store, features_of)
         (out / "fit_summary.json").write_text(json.dumps(summary, indent=1))
         print("Spearman with |saliency| on the training samples, per stage:", summary["train_spearman"])
     return final
 
 
 @torch.no_grad()
-def training_spearman(pruner: TokenPruner, examples: list[Example], features: Path, store: SaliencyStore) -> list:
+def training_spearman(
+    pruner: TokenPruner, examples: list[Example], features: Path, store: SaliencyStore, features_of=None
+) -> list:
     """Per stage, the mean over ``examples`` of the Spearman correlation between the pruner's scores and
     ``|saliency|`` on the cached states, over each sample's unprotected prompt tokens: how well the fit fits
     its own training data (``sdtp_core.bench.quality`` measures the same on held-out samples)."""
@@ -180,7 +222,10 @@ def training_spearman(pruner: TokenPruner, examples: list[Example], features: Pa
         hidden = load_file(str(features / f"feat-{e.sample_id}.safetensors"))["h"].float()
         target = saliency_targets(store, [e], cfg.layers, e.length)[:, 0, : e.prompt_len]
         decided, context = whole_prompt(e.prompt_len, cfg)
+        qf = features_of(e, hidden) if features_of is not None else None
         for s in range(cfg.num_stages):
+            if qf is not None:
+                context["features"] = qf[s][None]
             scores = pruner.score(s, hidden[s][None], **context)[0]
             sums[s] += spearman(scores[decided[0]], target[s][decided[0]])
     return [round(v / max(1, len(examples)), 4) for v in sums]

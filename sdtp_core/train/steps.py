@@ -25,6 +25,8 @@ def pruner_config(cfg: TrainConfig, model_config) -> PrunerConfig:
         mlp_ratio=cfg.mlp_ratio,
         input_norm=cfg.scorer_input_norm,
         query=cfg.scorer_query,
+        features=cfg.features or [],
+        feature_window=cfg.feature_window,
     )
 
 
