@@ -34,7 +34,8 @@ def earlier_layers(num_layers: int, num_stages: int = 10, start: int = 4) -> lis
     """:func:`default_layers`, each stage one layer earlier: for a 24-layer model 3, 5, ..., 21.
 
     The schedule of the ``spread`` and ``line`` scorers: on the embedded model the spread attention scores find the
-    multi-key needles' values at odd layers, not at the even default ones (results/ruler_layers_2k.md).
+    multi-key needles' values at odd layers, not at the even default ones (docs/history.md, "Which layer can find
+    the needle?").
     """
     return [layer - 1 for layer in default_layers(num_layers, num_stages, start)]
 

@@ -31,12 +31,12 @@ SHIPPED_PRUNER = "shipped"
 UNION = "+"
 #: The scorer used when none is named: ``line`` (``attention:64:95:15:l`` at :func:`~sdtp_core.config.earlier_layers`:
 #: the attention of the last 64 tokens, each token taking the highest score among the 95 slots before it and 15 after
-#: it on its own line). Measured on the embedded model at 1/τ 1.59 (results/retention.md, "Within lines"): RULER 2K
+#: it on its own line). Measured on the embedded model at 1/τ 1.59 (results/retention/README.md): RULER 2K
 #: 0.79 (dense 0.83; ``spread``, the default before it, 0.72; plain attention 0.50). The shipped trained pruner is far
 #: below on retrieval; ``pruner=shipped`` selects it, ``pruner=spread`` and ``pruner=attention`` the earlier defaults.
 DEFAULT_PRUNER = "line"
 #: Prompts shorter than this run dense in the lm-eval ``sdtp`` model (``min_prompt_tokens``). Measured on
-#: the embedded model (results/short_prompt_speed.md, batch 1, attention scorer): below 256 tokens pruning
+#: the embedded model (results/speed/README.md, "Short prompts", batch 1, attention scorer): below 256 tokens pruning
 #: saves at most 1.16x (bf16) / 1.42x (fp32) of a prefill that already takes < 0.8 s, while short prompts
 #: are where it costs the most accuracy (every context token is evidence). ``min_prompt_tokens=0`` prunes
 #: every prompt, as the paper does.

@@ -23,8 +23,8 @@ must beat:
 (``random``, an untrained seeded scorer MLP, is built by :meth:`TokenPruner.for_model`.)
 
 :class:`RankUnion` combines scorers (``pruner=shipped+attention``): a token survives if any of them
-ranks it high. Measured motivation (results/retention.md): the trained pruner leads on LongBench
-generation and the attention scorer on retrieval (RULER, needles).
+ranks it high. Measured motivation (docs/history.md, "Every scorer at one schedule"): the trained pruner leads on
+LongBench generation and the attention scorer on retrieval (RULER, needles).
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ class Preset(NamedTuple):
 
 
 #: ``spread``: the attention scorer spread over 63 slots before and 15 after, at the paper's layers each one
-#: earlier (results/retention.md, "Spreading the score forward" and "The default since 2026-12-06");
+#: earlier (docs/history.md, "Spreading the score forward");
 #: ``line``: spread over 95 slots before and 15 after without crossing a newline, at the same layers
-#: (results/retention.md, "Within lines").
+#: (results/retention/README.md; docs/history.md, "Within lines").
 PRESETS = {
     "spread": Preset("attention:64:63:15", earlier_layers),
     "line": Preset("attention:64:95:15:l", earlier_layers),

@@ -1,6 +1,6 @@
 """Latency benchmark: dense vs pruned prefill and prefill + decoding, same process, same inputs.
 
-    python -m sdtp_core.bench --lengths 512 1024 2048 4096 --new-tokens 128 --json results/bench.json
+    python -m sdtp_core.bench --lengths 512 1024 2048 4096 --new-tokens 128 --json results/speed/bench.json
 
 For each prompt length it runs the dense and the pruned path *interleaved* (alternating which goes
 first) for several repetitions after a warm-up, and reports median times, the measured speedups,

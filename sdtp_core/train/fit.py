@@ -4,7 +4,7 @@
 
 Stage 2 proper (:func:`sdtp_core.train.stage2.train_pruner`) runs the frozen model with simulated pruning for
 every sample at every optimizer step. On a CPU that allows a few dozen steps an hour: the long-input run
-of ``results/retention.md`` made 40 steps in 64 minutes, its ranking loss still falling. Here the model runs
+of ``results/training/README.md`` made 40 steps in 64 minutes, its ranking loss still falling. Here the model runs
 once per sample, unpruned, to cache the hidden state at the input of each stage layer (the state Stage 1
 defines the saliency on, and the one each scorer reads); then only the scorer MLPs train, on
 ``w_mse * L_mse + w_rank * L_rank`` (:mod:`.losses`) over each sample's unprotected prompt tokens, for as
