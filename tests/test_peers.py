@@ -353,7 +353,7 @@ def test_lm_eval_model_with_llmlingua_generates_from_the_compressed_prompt(lingu
     common = {"pretrained": str(tiny_hf_dir), "dtype": "float32", "compress_model": str(tiny_hf_dir)}
     lm = SDTPLM(prune=False, compress="llmlingua", compress_rate=0.5, **common)
     out = lm.generate_until([Instance("generate_until", {}, (text, gen), 0, ("probe", 0, 1))])
-    compressed = lingua.compress(lm.compressor, text, rate=0.5).text  # deterministic: the same text again
+    compressed = lingua.compress(lm.prompts.compressor, text, rate=0.5).text  # deterministic: the same text again
     assert compressed != text
     dense = SDTPLM(prune=False, **common)
     assert out == dense.generate_until([Instance("generate_until", {}, (compressed, gen), 0, ("probe", 0, 1))])
@@ -370,9 +370,9 @@ def test_lm_eval_model_with_llmlingua_generates_from_the_compressed_prompt(lingu
     with pytest.raises(ValueError, match="without compress"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("a b", " c"), 0, ("probe", 1, 1))])
     # the small LM runs in the evaluated model's dtype (LLMLingua alone would load float32 on a CPU)
-    assert lm.compressor.model.dtype == torch.float32 == lm.model.dtype
+    assert lm.prompts.compressor.model.dtype == torch.float32 == lm.model.dtype
     half = SDTPLM(prune=False, compress="llmlingua", **(common | {"dtype": "bfloat16"}))
-    assert half.compressor.model.dtype == torch.bfloat16
+    assert half.prompts.compressor.model.dtype == torch.bfloat16
     assert half.get_model_info()["sdtp"]["compress_dtype"] == "torch.bfloat16"
 
 
