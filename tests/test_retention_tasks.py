@@ -1,4 +1,4 @@
-"""Retention tasks: offline RULER group, needle depth sweep, LongBench answer NLL, longbench_retention, heatmap."""
+"""Retention tasks: offline RULER group, needle depth sweep, LongBench answer NLL, longbench_retention."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import subprocess
 import sys
 import types
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from test_lm_eval_model import run_lm_eval, samples
 
 from sdtp_eval import tasks_dir
-from sdtp_eval.retention import heatmap, longbench_nll, needle, ruler
+from sdtp_eval.retention import longbench_nll, needle, ruler
 
 TINY_ARGS = "pruner=random,layers=1:3,min_prompt_tokens=0,dtype=float32,max_length=4096"
 NEW_TASKS = [
@@ -185,36 +184,6 @@ def test_new_tasks_are_registered_with_lm_eval():
     assert json.loads(out.strip().splitlines()[-1]) == []
 
 
-# ------------------------------------------------------------------------------------------- heatmap
-
-
-def _write_samples(path: Path, scores: dict[tuple[int, int], list[float]]) -> None:
-    lines = [
-        json.dumps({"doc": {"length": length, "depth": depth}, "exact_match": s})
-        for (length, depth), values in scores.items()
-        for s in values
-    ]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def test_heatmap_reports_each_cell_and_each_configuration(tmp_path):
-    a, b = tmp_path / "a" / "m", tmp_path / "b.jsonl"
-    a.mkdir(parents=True)
-    _write_samples(
-        a / "samples_sdtp_needle_depth_1k_2026-01-01T00-00-00.jsonl", {(1024, 0): [1, 1], (1024, 50): [0, 1]}
-    )
-    _write_samples(a / "samples_sdtp_needle_depth_2k_2026-01-01T00-00-00.jsonl", {(2048, 0): [0, 0], (2048, 50): [1]})
-    _write_samples(b, {(1024, 0): [0.0], (1024, 50): [1.0]})
-    heatmap.main(["--samples", f"dense={tmp_path / 'a'}", f"pruned={b}", "--out", str(tmp_path / "out" / "hm")])
-    report = json.loads((tmp_path / "out" / "hm.json").read_text())
-    dense = report["configurations"]["dense"]
-    assert dense["lengths"] == [1024, 2048] and dense["depths"] == [0, 50]
-    assert dense["accuracy"] == [[1.0, 0.5], [0.0, 1.0]] and dense["counts"] == [[2, 2], [2, 1]]
-    assert report["configurations"]["pruned"]["accuracy"] == [[0.0, 1.0]]
-    assert (tmp_path / "out" / "hm.png").stat().st_size > 1000
-    assert "| 1024 | 1.00 (2) | 0.50 (2) |" in (tmp_path / "out" / "hm.md").read_text()
-
-
 # ------------------------------------------------------------------------------------------- end to end
 
 
@@ -229,8 +198,6 @@ def test_needle_depth_task_end_to_end_on_the_tiny_model(tiny_hf_dir, tmp_path):
     for row in rows:
         assert row["exact_match"] == float(needle.first_number(row["filtered_resps"][0]) == row["doc"]["answer"])
     assert all(r["sdtp"][0]["prompt_tokens"] <= 1024 for r in rows)
-    heatmap.main(["--samples", str(out), "--out", str(tmp_path / "hm")])
-    assert json.loads((tmp_path / "hm.json").read_text())["configurations"]["needle"]["samples"] == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wonderwords") is None, reason="RULER needs wonderwords (lm_eval[ruler])")
@@ -269,19 +236,6 @@ def test_longbench_nll_and_retention_end_to_end_on_the_tiny_model(tiny_hf_dir, h
     retention = _yaml("longbench_retention.yaml")["task"]
     assert all(0.0 <= data["results"][task]["score,none"] <= 100.0 for task in retention)
     assert "score,none" in data["results"]["longbench_retention"]
-
-
-def test_winogrande_probe_splits_like_lm_eval_and_finds_the_option(tiny_hf_dir):
-    from transformers import AutoTokenizer
-
-    from sdtp_eval.retention.option_survival import partial_inputs
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
-    sentence = "The trophy doesn't fit into the brown suitcase because the _ is too large."
-    context, continuation, option = partial_inputs(tokenizer, sentence, "trophy")
-    assert tokenizer.decode(context) == "The trophy doesn't fit into the brown suitcase because the trophy"
-    assert tokenizer.decode(continuation) == " is too large."
-    assert tokenizer.decode([context[i] for i in option]) == " trophy" and option.stop == len(context)
 
 
 def test_long_prompt_documents_are_the_ones_the_default_policy_prunes(tiny_hf_dir, hf_datasets_cache, tmp_path):

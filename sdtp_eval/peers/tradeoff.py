@@ -38,8 +38,8 @@ import sys
 from pathlib import Path
 
 from sdtp_eval.retention import write_report
-from sdtp_eval.retention.heatmap import parse_source, sample_files
 from sdtp_eval.retention.paired import TASK_MEAN
+from sdtp_eval.retention.samples import parse_source, sample_files
 
 
 def request_records(path: Path) -> dict:

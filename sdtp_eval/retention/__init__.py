@@ -1,7 +1,9 @@
 """Long-context retention tasks for lm-eval: offline RULER, a needle depth sweep, LongBench answer NLL.
 
 The task YAMLs live in ``tasks/retention/`` (installed as ``sdtp_eval/tasks/retention``); these modules hold
-the data generators, metrics and the heatmap command. See ``docs/retention.md``.
+their data generators and metrics (``needle``, ``ruler``, ``longbench_nll``) and the report commands: ``paired``
+(paired comparison of logged runs), ``long_prompts`` (the documents the default policy prunes) and ``diagnose``
+(where a pruned prefill loses the answer). See ``docs/retention.md``.
 """
 
 from __future__ import annotations

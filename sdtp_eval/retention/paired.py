@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 
 from . import write_report
-from .heatmap import parse_source, sample_files, task_of
+from .samples import parse_source, sample_files, task_of
 
 POOLED = "all tasks"
 #: Unweighted mean over tasks (as papers average benchmarks), bootstrapped within each task.

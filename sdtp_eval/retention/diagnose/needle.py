@@ -6,7 +6,7 @@ the fraction still kept after the stage, and (while kept) their score's percenti
 candidates (live, unprotected tokens; 1.0 = the highest score). A scorer that answers the needle task keeps
 the digits to the last stage; the stage where they go, and how they ranked there, says why one does not::
 
-    python -m sdtp_eval.retention.needle_survival --length 2048 --limit 33 \\
+    python -m sdtp_eval.retention.diagnose needle --length 2048 --limit 33 \\
         --pruners shipped attention norm random --out results/needle_survival_2k
 
 ``saliency`` in ``--pruners`` is the training target as an oracle: the |gradient x hidden state| of the gold
@@ -20,15 +20,15 @@ high; the other rows say what the scorers do.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import write_report
+#: the shared options' defaults (:func:`sdtp_eval.retention.diagnose.common_arguments`): 33 documents = 3 items
+#: at each of the 11 depths
+DEFAULTS = {"length": 2048, "limit": 33}
 
 
 @contextmanager
@@ -125,32 +125,21 @@ def saliency_stages(model, ids: list[int], answer_ids: list[int], needle: list[i
     return stages
 
 
-def main(argv: list[str] | None = None) -> dict:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pruners", nargs="+", default=["shipped", "attention", "norm", "random"])
+
+
+def run(args: argparse.Namespace, model, tokenizer) -> dict:
+    """The report (after its ``command``): per pruner, the passkey's survival and rank at every stage."""
     from sdtp_core.config import PrunerConfig
     from sdtp_core.engine import SDTPEngine
-    from sdtp_core.loading import load_model, load_pruner
+    from sdtp_core.loading import load_pruner
 
-    from .needle import documents
+    from ..needle import documents
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=int, default=2048, help="prompt length of the depth sweep")
-    parser.add_argument("--limit", type=int, default=33, help="first documents (11 depths per item)")
-    parser.add_argument("--pruners", nargs="+", default=["shipped", "attention", "norm", "random"])
-    parser.add_argument("--model", default=None, help="default: the embedded model")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
-    args = parser.parse_args(argv)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     docs = documents(tokenizer, args.length, items=-(-args.limit // 11))[: args.limit]
     inputs = [needle_positions(tokenizer, d["input"], d["answer"]) + (d["depth"],) for d in docs]
-    report = {
-        "command": "python -m sdtp_eval.retention.needle_survival "
-        + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "length": args.length,
-        "documents": len(docs),
-        "dtype": args.dtype,
-        "pruners": {},
-    }
+    report = {"length": args.length, "documents": len(docs), "dtype": args.dtype, "pruners": {}}
     for spec in args.pruners:
         if spec == "saliency":
             schedule = PrunerConfig.for_model(model.config)  # the default schedule every scorer here uses
@@ -182,7 +171,6 @@ def main(argv: list[str] | None = None) -> dict:
             "kept_to_the_end": sum(r[-1]["kept"] == 1.0 for _, r in rows) / len(rows),
             "kept_to_the_end_depth_below_100": sum(r[-1]["kept"] == 1.0 for r in unprotected) / len(unprotected),
         }
-    write_report(args.out, report, format_markdown(report), plot)
     return report
 
 
@@ -238,7 +226,3 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""The needle-survival probe follows tokens through the stages (a hand-made scorer as the oracle)."""
+"""``diagnose needle`` follows tokens through the stages (a hand-made scorer as the oracle); the command line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_model, tiny_pruner
 
 from sdtp_core.engine import SDTPEngine
-from sdtp_eval.retention.needle_survival import follow
+from sdtp_eval.retention.diagnose import build_parser
+from sdtp_eval.retention.diagnose.needle import follow, needle_positions, occurrences, percentile
 
 
 class LaterIsBetter(torch.nn.Module):
@@ -53,7 +54,7 @@ def oracle_stages(monkeypatch, needle: list[int]) -> tuple[list[dict], dict]:
     """``saliency_stages`` with a hand-made saliency: -position at every layer (its magnitude grows with
     the position, so |saliency| ranks like ``LaterIsBetter``); records what the loss was asked to score."""
     import sdtp_core.train.saliency as saliency_module
-    from sdtp_eval.retention.needle_survival import saliency_stages
+    from sdtp_eval.retention.diagnose.needle import saliency_stages
 
     seen = {}
 
@@ -85,3 +86,53 @@ def test_saliency_oracle_drops_a_low_saliency_needle_at_the_first_stage(monkeypa
     stages, _ = oracle_stages(monkeypatch, [20, 30])
     assert [s["kept"] for s in stages] == [0.5, 0.0, 0.0]
     assert stages[0]["percentile"] == pytest.approx(21 / 49)
+
+
+def test_the_worst_value_token_rank_is_the_lowest_percentile():
+    scores = torch.tensor([9.0, 1.0, 5.0, 3.0, 7.0, 0.0])
+    candidates = torch.tensor([False, True, True, True, True, True])  # slot 0 is protected
+    # among the 5 candidates: slot 2 (5.0) has 3 below (1, 3, 0), slot 3 (3.0) has 2 below; of 4 others
+    assert min(percentile(scores, candidates, p) for p in [2, 3]) == pytest.approx(2 / 4)
+    assert percentile(scores, candidates, 4) == pytest.approx(1.0)
+    assert percentile(scores, candidates, 5) == pytest.approx(0.0)
+
+
+def test_value_positions_cover_the_first_occurrence(embedded_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    text = "noise 1234567 more. One of the numbers for key is: 7654321. Again: 7654321"
+    ids, positions = needle_positions(tokenizer, text, "7654321")
+    assert tokenizer.decode([ids[p] for p in positions]).strip() == "7654321"
+    assert tokenizer.decode(ids[: positions[0]]).rstrip().endswith("is:")
+    with pytest.raises(ValueError, match="does not occur"):
+        needle_positions(tokenizer, text, "999")
+
+
+def test_occurrences_finds_every_occurrence_by_token_offsets(tiny_hf_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    text = "VAR QPRSX = 79253. Then VAR ABC = VAR QPRSX. The end."
+    ids, spans = occurrences(tokenizer, text, "QPRSX")
+    assert len(spans) == 2 and spans[0][-1] < spans[1][0]
+    for span in spans:
+        assert tokenizer.decode([ids[p] for p in span]).strip() == "QPRSX"
+    assert occurrences(tokenizer, text, "absent")[1] == []
+
+
+def test_subcommands_share_the_common_options_with_their_own_defaults():
+    parser = build_parser()
+    needle = parser.parse_args(["needle", "--out", "o"])
+    assert (needle.length, needle.limit, needle.dtype, needle.model) == (2048, 33, "bfloat16", None)
+    assert needle.pruners == ["shipped", "attention", "norm", "random"]
+    start = parser.parse_args(["start", "--out", "o", "--length", "2048"])
+    assert (start.length, start.limit, start.tasks, start.pruner, start.protect) == (
+        2048,
+        20,
+        ["ruler_cwe"],
+        "line",
+        64,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["needle", "--out", "o", "--tasks", "ruler_cwe"])  # --tasks is start's

@@ -2,13 +2,12 @@
 
 Every offline RULER prompt opens with a one-line instruction; its content (the haystack, cwe's word list) begins
 after the first line break. A scorer whose span stops at line ends (``:l``) no longer lends the instruction's
-high scores to the first content tokens, and ``ruler_survival`` shows it dropping them (``after line``). This
-command tests whether that is what costs the task: for the first ``--limit`` documents of each ``--tasks`` task it
-generates the answer (greedy, batch 1, the task's own generation length) with the pruner as it is and with the
-``--protect`` tokens after the first line break protected (kept at every stage, inside the same keep budget), and
-scores both with RULER's ``string_match_all``::
+high scores to the first content tokens, and may drop them. This subcommand tests whether that is what costs the
+task: for the first ``--limit`` documents of each ``--tasks`` task it generates the answer (greedy, batch 1, the
+task's own generation length) with the pruner as it is and with the ``--protect`` tokens after the first line break
+protected (kept at every stage, inside the same keep budget), and scores both with RULER's ``string_match_all``::
 
-    python -m sdtp_eval.retention.start_protected --length 1024 --limit 20 --tasks ruler_cwe --pruner line \\
+    python -m sdtp_eval.retention.diagnose start --length 1024 --limit 20 --tasks ruler_cwe --pruner line \\
         --out results/ruler_start_protected_1k
 
 The prompts and scores are those of an ``lm_eval --model sdtp`` run of the same documents (its unprotected score
@@ -18,15 +17,52 @@ is the lm_eval run's, up to batch effects).
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import write_report
-from .ruler_survival import first_line_end
+#: the shared options' defaults (:func:`sdtp_eval.retention.diagnose.common_arguments`)
+DEFAULTS = {"length": 1024, "limit": 20}
+
+
+def ruler_documents(tasks: list[str], length: int, limit: int) -> dict[str, list[dict]]:
+    """The first ``limit`` documents of each offline RULER task in ``tasks`` at ``length`` tokens, from one load
+    of the group: ``{"prompt", "value", "values", "max_new_tokens"}``, the prompt as lm-eval sends it (input +
+    generation prefix), the first gold value, all of them, and the task's generation length."""
+    import random
+
+    import numpy as np
+    from lm_eval.tasks import TaskManager
+
+    from .. import ruler  # noqa: F401  (RULER's nltk download switched off)
+
+    random.seed(0)  # lm_eval's default seeds (--seed 0,1234,1234): the documents an lm_eval run generates
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    loaded = TaskManager(metadata={"max_seq_lengths": [length]}).load(["sdtp_ruler_offline"])
+    members = loaded["tasks"]  # name -> Task, the group's members
+    unknown = [t for t in tasks if t not in members]
+    if unknown:
+        raise ValueError(f"{unknown} are not offline RULER tasks; use some of {sorted(members)}")
+    return {
+        task: [
+            {
+                "prompt": members[task].doc_to_text(d) + " " + d["gen_prefix"].strip(),
+                "value": d["outputs"][0],
+                "values": list(d["outputs"]),
+                "max_new_tokens": members[task].config.generation_kwargs["max_gen_toks"],
+            }
+            for d in list(members[task].eval_docs)[:limit]
+        ]
+        for task in tasks
+    }
+
+
+def first_line_end(tokenizer, ids: list[int]) -> int:
+    """Position of the first token whose text holds a line break (the last position if none does)."""
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    return next((p for p, text in enumerate(texts) if "\n" in text), len(ids) - 1)
 
 
 def start_mask(length: int, line_end: int, count: int) -> torch.Tensor:
@@ -36,36 +72,22 @@ def start_mask(length: int, line_end: int, count: int) -> torch.Tensor:
     return mask
 
 
-def main(argv: list[str] | None = None) -> dict:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", nargs="+", default=["ruler_cwe"], help="offline RULER tasks")
+    parser.add_argument("--pruner", default="line", help="pruner spec (load_pruner)")
+    parser.add_argument("--protect", type=int, default=64, help="tokens after the first line break to protect")
+
+
+def run(args: argparse.Namespace, model, tokenizer) -> dict:
+    """The report (after its ``command``): per task, the score as is and with the start of the content protected."""
     from lm_eval.tasks.ruler.common_utils import string_match_all
 
     from sdtp_core.engine import SDTPEngine
     from sdtp_core.generate import generate
-    from sdtp_core.loading import load_model, load_pruner
+    from sdtp_core.loading import load_pruner
 
-    from .ruler_layers import ruler_documents
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=int, default=1024, help="RULER max_seq_lengths")
-    parser.add_argument("--limit", type=int, default=20, help="first documents of each task")
-    parser.add_argument("--tasks", nargs="+", default=["ruler_cwe"])
-    parser.add_argument("--pruner", default="line", help="pruner spec (load_pruner)")
-    parser.add_argument("--protect", type=int, default=64, help="tokens after the first line break to protect")
-    parser.add_argument("--model", default=None, help="default: the embedded model")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json, OUT.md, OUT.png")
-    args = parser.parse_args(argv)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     engine = SDTPEngine(model, load_pruner(args.pruner, model, tokenizer=tokenizer))
-    report = {
-        "command": "python -m sdtp_eval.retention.start_protected "
-        + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "length": args.length,
-        "dtype": args.dtype,
-        "pruner": args.pruner,
-        "protect": args.protect,
-        "tasks": {},
-    }
+    report = {"length": args.length, "dtype": args.dtype, "pruner": args.pruner, "protect": args.protect, "tasks": {}}
     for task, docs in ruler_documents(args.tasks, args.length, args.limit).items():
         rows = []
         for doc in tqdm(docs, desc=task):
@@ -80,7 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
         report["tasks"][task] = {
             name: sum(r[name] for r in rows) / len(rows) for name in ("as_is", "start_protected")
         } | {"documents": len(rows), "per_document": rows}
-    write_report(args.out, report, format_markdown(report), plot)
     return report
 
 
@@ -118,7 +139,3 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-if __name__ == "__main__":
-    main()
