@@ -5,9 +5,9 @@
   protecting it (:mod:`.start`)::
 
     python -m sdtp_eval.retention.diagnose needle --length 2048 --limit 33 \\
-        --pruners shipped attention norm random --out results/needle_survival_2k
+        --pruners shipped attention norm random --out results/training/needle_survival_2k
     python -m sdtp_eval.retention.diagnose start --length 1024 --limit 20 --tasks ruler_cwe --pruner line \\
-        --out results/ruler_start_protected_1k
+        --out results/retention/ruler_start_protected_1k
 
 Every subcommand takes ``--length``, ``--limit``, ``--model`` (default: the embedded model), ``--dtype`` and
 ``--out`` (output stem: ``OUT.json``, ``OUT.md``, ``OUT.png``); ``start`` also ``--tasks``. The model runs on

@@ -7,7 +7,7 @@ candidates (live, unprotected tokens; 1.0 = the highest score). A scorer that an
 the digits to the last stage; the stage where they go, and how they ranked there, says why one does not::
 
     python -m sdtp_eval.retention.diagnose needle --length 2048 --limit 33 \\
-        --pruners shipped attention norm random --out results/needle_survival_2k
+        --pruners shipped attention norm random --out results/training/needle_survival_2k
 
 ``saliency`` in ``--pruners`` is the training target as an oracle: the |gradient x hidden state| of the gold
 passkey's loss (SDTP's Stage 1 saliency, which no scorer has at inference time, since it needs the answer),

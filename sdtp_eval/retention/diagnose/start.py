@@ -8,7 +8,7 @@ task's own generation length) with the pruner as it is and with the ``--protect`
 protected (kept at every stage, inside the same keep budget), and scores both with RULER's ``string_match_all``::
 
     python -m sdtp_eval.retention.diagnose start --length 1024 --limit 20 --tasks ruler_cwe --pruner line \\
-        --out results/ruler_start_protected_1k
+        --out results/retention/ruler_start_protected_1k
 
 The prompts and scores are those of an ``lm_eval --model sdtp`` run of the same documents (its unprotected score
 is the lm_eval run's, up to batch effects).
