@@ -18,7 +18,7 @@ Extra ``model_args`` (besides everything HFLM accepts): ``pruner`` (a pruner dir
 ``attention``, ``norm`` or ``random``), ``prune`` (true/false), ``keep_ratio`` (r), ``layers`` (stage
 layers separated by ``:``, e.g. ``4:8:12``), ``truncation`` (``left`` or ``middle``),
 ``min_prompt_tokens`` (shorter prompts run dense; default
-:data:`sdtp_core.loading.DEFAULT_MIN_PROMPT_TOKENS`, ``0`` prunes every prompt), ``press`` and
+:data:`sdtp_core.loading.DEFAULT_MIN_PROMPT_TOKENS`, 0: every prompt is pruned), ``press`` and
 ``press_ratio`` (a kvpress press compressing the KV cache for generation, alone with ``prune=false`` or
 after SDTP's pruned prefill: :mod:`sdtp_eval.peers.press_generation`, the ``peers`` extra),
 ``compress=llmlingua`` with ``compress_rate`` and ``compress_model`` (generation prompts compressed by
@@ -169,7 +169,7 @@ class SDTPLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         if not self._said_rolling:
-            logger.info("sdtp: loglikelihood_rolling scores every token, so it runs dense (nothing to prune).")
+            logger.warning("sdtp: loglikelihood_rolling scores every token, so it runs dense (nothing is pruned).")
             self._said_rolling = True
         self._rolling = True
         try:
@@ -373,6 +373,16 @@ class SDTPLM(HFLM):
             **self.prompts.info(),
             "per_task": summary,
         }
+        for task, s in summary.items():
+            if self.prune and s["mean_compression"] == 1.0:
+                logger.warning(
+                    "sdtp: nothing was pruned for %s (%d requests, %.0f prompt tokens on average, "
+                    "min_prompt_tokens=%d): its scores are the dense model's, not SDTP's.",
+                    task,
+                    s["requests"],
+                    s["mean_prompt_tokens"],
+                    self.engine.min_prompt_tokens,
+                )
         if summary:
             parts = ", ".join(
                 f"{task}: 1/tau={s['mean_compression']:.3f} kept/stage="

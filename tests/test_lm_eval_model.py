@@ -184,7 +184,7 @@ def test_embedded_model_copa_end_to_end_offline(hf_datasets_cache, tmp_path):
     assert 0.0 <= data["results"]["copa"]["acc,none"] <= 1.0
     report = data["config"]["sdtp"]["per_task"]["copa"]
     assert report["requests"] == 40
-    assert report["mean_compression"] == 1.0  # default policy: COPA prompts are far below min_prompt_tokens
+    assert report["mean_compression"] > 1.1  # every prompt is pruned by default, COPA's 14-35 tokens too
 
 
 @pytest.mark.shared_data
@@ -437,31 +437,43 @@ def test_compare_rejects_a_malformed_run():
     assert Run.parse("dense=sdtp:prune=false,keep_ratio=1.0") == Run("dense", "sdtp", "prune=false,keep_ratio=1.0")
 
 
-def test_default_policy_runs_short_prompts_dense_and_prunes_long_ones(tiny_hf_dir):
-    """Default ``min_prompt_tokens``: a short prompt scores exactly as dense; a long one is pruned; 0 prunes both."""
+def test_every_prompt_is_pruned_by_default_and_min_prompt_tokens_keeps_short_ones_dense(tiny_hf_dir, caplog):
+    """By default every prompt is pruned, as in the paper; ``min_prompt_tokens=N`` runs shorter prompts exactly as
+    dense and prunes the rest, and a task whose requests were all left unpruned says so in a warning."""
     from lm_eval.api.instance import Instance
 
     from sdtp_core.loading import DEFAULT_MIN_PROMPT_TOKENS
     from sdtp_eval.model import SDTPLM
 
     words = "the cat sat on a mat and looked at the dog near the door".split()
-    short = " ".join(words * 2)  # far below the threshold
-    long = " ".join(words * (2 * DEFAULT_MIN_PROMPT_TOKENS // len(words)))  # well above it
+    short = " ".join(words * 2)  # 26 words
+    long = " ".join(words * 40)  # 520 words
     requests = [
-        Instance("loglikelihood", {}, (ctx, " and then slept"), idx, ("copa", doc, 1))
-        for idx, (doc, ctx) in enumerate([(0, short), (1, long)])
+        Instance("loglikelihood", {}, (ctx, " and then slept"), idx, (task, doc, 1))
+        for idx, (task, doc, ctx) in enumerate([("copa", 0, short), ("boolq", 1, long)])
     ]
     dense = SDTPLM(pretrained=str(tiny_hf_dir), prune="false", dtype="float32").loglikelihood(requests)
     default_lm = SDTPLM(pretrained=str(tiny_hf_dir), pruner="random", layers="1:3", dtype="float32")
-    assert default_lm.engine.min_prompt_tokens == DEFAULT_MIN_PROMPT_TOKENS
+    assert DEFAULT_MIN_PROMPT_TOKENS == 0 and default_lm.engine.min_prompt_tokens == 0
     default = default_lm.loglikelihood(requests)
-    forced = SDTPLM(
-        pretrained=str(tiny_hf_dir), pruner="random", layers="1:3", min_prompt_tokens=0, dtype="float32"
-    ).loglikelihood(requests)
-    assert default[0][0] == pytest.approx(dense[0][0], abs=1e-4)  # short: dense
-    assert default[1][0] != pytest.approx(dense[1][0], abs=1e-3)  # long: pruned
-    assert forced[0][0] != pytest.approx(dense[0][0], abs=1e-3)  # forced: short pruned too
-    assert forced[1][0] == pytest.approx(default[1][0], abs=1e-4)
+    policy_lm = SDTPLM(
+        pretrained=str(tiny_hf_dir), pruner="random", layers="1:3", min_prompt_tokens=256, dtype="float32"
+    )
+    policy = policy_lm.loglikelihood(requests)
+    assert default[0][0] != pytest.approx(dense[0][0], abs=1e-3)  # default: the short prompt is pruned too
+    assert policy[0][0] == pytest.approx(dense[0][0], abs=1e-4)  # policy: short runs dense
+    assert policy[1][0] != pytest.approx(dense[1][0], abs=1e-3)  # ... and long is pruned
+    assert policy[1][0] == pytest.approx(default[1][0], abs=1e-4)
+
+    with caplog.at_level("WARNING", logger="lm_eval.sdtp"):
+        info = policy_lm.get_model_info()["sdtp"]["per_task"]
+    assert info["copa"]["mean_compression"] == 1.0 and info["boolq"]["mean_compression"] > 1.0
+    warned = [r.getMessage() for r in caplog.records if "nothing was pruned" in r.getMessage()]
+    assert len(warned) == 1 and "for copa (1 requests" in warned[0] and "min_prompt_tokens=256" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm_eval.sdtp"):
+        default_lm.get_model_info()
+    assert not [r for r in caplog.records if "nothing was pruned" in r.getMessage()]
 
 
 def test_dense_loglikelihood_runs_the_lm_head_on_continuation_slots_only(tiny_hf_dir):

@@ -2,8 +2,8 @@
 
 The task YAMLs live in ``tasks/retention/`` (installed as ``sdtp_eval/tasks/retention``); these modules hold
 their data generators and metrics (``needle``, ``ruler``, ``longbench_nll``) and the report commands: ``paired``
-(paired comparison of logged runs), ``long_prompts`` (the documents the default policy prunes) and ``diagnose``
-(where a pruned prefill loses the answer). See ``docs/retention.md``.
+(paired comparison of logged runs), ``long_prompts`` (the documents the ``min_prompt_tokens=256`` policy prunes)
+and ``diagnose`` (where a pruned prefill loses the answer). See ``docs/retention.md``.
 """
 
 from __future__ import annotations

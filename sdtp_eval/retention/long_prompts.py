@@ -1,8 +1,8 @@
 """The documents of loglikelihood tasks whose model input reaches N tokens, as lm_eval ``--samples`` JSON.
 
-The package's default policy (``min_prompt_tokens=256``) prunes only those inputs and computes every
-shorter one unpruned. So a default-policy run of just these documents, completed by the dense run's
-values (``paired --fill default=dense``), gives a task's default-policy column at a fraction of a full
+The deployment policy (``min_prompt_tokens=256``) prunes only those inputs and computes every
+shorter one unpruned. So a policy run of just these documents, completed by the dense run's
+values (``paired --fill default=dense``), gives a task's policy column at a fraction of a full
 run's cost (BoolQ: 230 of 3,270 documents)::
 
     python -m sdtp_eval.retention.long_prompts --tasks boolq cb --min-tokens 256 --out runs/long_docs.json
@@ -49,14 +49,14 @@ def long_documents(lengths: dict[str, dict[int, int]], min_tokens: int) -> dict[
 def main(argv: list[str] | None = None) -> dict[str, list[int]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", required=True, help="lm-eval loglikelihood tasks, e.g. boolq cb")
-    parser.add_argument("--min-tokens", type=int, default=None, help="default: the package's min_prompt_tokens")
+    parser.add_argument("--min-tokens", type=int, default=None, help="default: 256, the policy's")
     parser.add_argument("--pretrained", default=None, help="model (default: the embedded one); sets the tokenizer")
     parser.add_argument("--out", type=Path, required=True, help="JSON file for lm_eval --samples")
     args = parser.parse_args(argv)
-    from sdtp_core.loading import DEFAULT_MIN_PROMPT_TOKENS
+    from sdtp_core.loading import POLICY_MIN_PROMPT_TOKENS
     from sdtp_eval.model import SDTPLM
 
-    min_tokens = DEFAULT_MIN_PROMPT_TOKENS if args.min_tokens is None else args.min_tokens
+    min_tokens = POLICY_MIN_PROMPT_TOKENS if args.min_tokens is None else args.min_tokens
     lm = SDTPLM(pretrained=args.pretrained, prune="false", dtype="float32")
     lengths = input_lengths(lm, args.tasks)
     found = long_documents(lengths, min_tokens)

@@ -27,8 +27,8 @@ sessions).
 
 ``--fill TARGET=SOURCE`` gives run ``TARGET`` the value of run ``SOURCE`` on every document (and task)
 ``TARGET`` did not run. It is for a policy whose result is ``SOURCE``'s by construction outside the
-documents it was run on: the package's default (``min_prompt_tokens=256``) computes shorter prompts
-unpruned, so ``--fill default=dense`` completes a default-policy run of only the documents with longer
+documents it was run on: the deployment policy (``min_prompt_tokens=256``) computes shorter prompts
+unpruned, so ``--fill default=dense`` completes a policy run of only the documents with longer
 prompts (listed by :mod:`sdtp_eval.retention.long_prompts`). The report counts the filled documents per
 task (``filled``, and in OUT.md).
 """
