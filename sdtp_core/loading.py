@@ -12,7 +12,7 @@ from sdtp_core.embedded import resolve_pretrained
 from sdtp_core.oracle import ORACLE, SaliencyOracle
 from sdtp_core.pruner import TokenPruner
 from sdtp_core.scorers import PRESETS, RankUnion, is_training_free, needs_tokenizer, training_free
-from sdtp_core.spans import sentence_ends
+from sdtp_core.spans import line_ends
 
 logger = logging.getLogger("lm_eval.sdtp")
 
@@ -189,7 +189,7 @@ def load_pruner(
         pruner.config = PrunerConfig(**cfg)
     pruner.config.check_model(model.config)
     if pruner.needs_lines:  # its features stay within lines: it reads the line ends from the tokenizer
-        pruner.set_line_ends(sentence_ends(tokenizer or _saved_tokenizer(model), model.config.vocab_size, "\n"))
+        pruner.set_line_ends(line_ends(tokenizer or _saved_tokenizer(model), model.config.vocab_size))
     pruner.source = str(spec)
     return pruner
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from sdtp_core.config import PrunerConfig, earlier_layers
 from sdtp_core.question_features import tail_attention
-from sdtp_core.spans import SENTENCE_END_CHARS, segment_span_max, sentence_ends, span_max
+from sdtp_core.spans import LINE_END_CHARS, SENTENCE_END_CHARS, segment_span_max, sentence_ends, span_max
 
 
 class Preset(NamedTuple):
@@ -59,7 +59,7 @@ PRESETS = {
 }
 #: the spec suffix of a scorer whose span stays inside a unit -> the characters that end the unit:
 #: ``:s`` sentences, ``:l`` lines; ``:lN`` (``:sN``): a line (sentence) of fewer than ``N`` tokens joins the next
-UNIT_ENDS = {"s": SENTENCE_END_CHARS, "l": "\n"}
+UNIT_ENDS = {"s": SENTENCE_END_CHARS, "l": LINE_END_CHARS}
 
 
 class Unit(NamedTuple):

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 #: characters whose presence in a token's text ends a sentence (:func:`sentence_ends`)
 SENTENCE_END_CHARS = ".!?\n"
+#: ... and a line (:func:`line_ends`)
+LINE_END_CHARS = "\n"
 
 
 def span_max(scores: torch.Tensor, valid: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -61,6 +63,11 @@ def sentence_ends(tokenizer, vocab_size: int = 0, chars: str = SENTENCE_END_CHAR
     ends = torch.zeros(max(n, vocab_size), dtype=torch.bool)
     ends[:n] = torch.tensor([any(c in t for c in chars) for t in texts])
     return ends
+
+
+def line_ends(tokenizer, vocab_size: int = 0) -> torch.Tensor:
+    """:func:`sentence_ends` for lines: the token ids whose text contains a newline."""
+    return sentence_ends(tokenizer, vocab_size, LINE_END_CHARS)
 
 
 def segment_ids(ids: torch.Tensor, valid: torch.Tensor, ends: torch.Tensor, min_tokens: int = 0) -> torch.Tensor:

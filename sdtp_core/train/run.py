@@ -23,7 +23,7 @@ import torch
 from sdtp_core.config import PrunerConfigError
 from sdtp_core.loading import load_model
 from sdtp_core.question_features import needs_lines
-from sdtp_core.spans import sentence_ends
+from sdtp_core.spans import line_ends
 from sdtp_core.train.checkpoints import _atomic_write_text
 from sdtp_core.train.config import TrainConfig, TrainConfigError, parse_config
 from sdtp_core.train.data import TrainDataError, load_examples
@@ -121,10 +121,10 @@ def run(cfg: TrainConfig) -> Path:
             raise TrainConfigError("the fit stage runs in one process (its per-step work is a few small MLPs)")
         from sdtp_core.train.fit import fit_pruner
 
-        line_ends = None
+        ends = None
         if needs_lines(cfg.features or []):
-            line_ends = sentence_ends(tokenizer, model.config.vocab_size, "\n").to(accelerator.device)
-        fit_pruner(cfg, model, examples, model_name, line_ends)
+            ends = line_ends(tokenizer, model.config.vocab_size).to(accelerator.device)
+        fit_pruner(cfg, model, examples, model_name, ends)
     accelerator.wait_for_everyone()
     return out
 
