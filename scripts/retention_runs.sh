@@ -59,8 +59,12 @@
 # DTYPE (default bfloat16, as every committed run so far) sets the model's dtype. On a CPU without AVX512-BF16
 # (lscpu shows no avx512_bf16) bf16 runs several times slower than float32 there: use DTYPE=float32 with a
 # RUNS of its own (DTYPE=float32 RUNS=runs/fp32 ...), since runs are paired only with runs of the same dtype.
+# SPLIT=test runs a suite's test documents instead (ruler, needle, lbgen, nll; sdtp_eval/retention/splits.py) into
+# $RUNS/test/: the first rows that --limit takes are the dev split, which every choice so far was made on.
 set -u
+SPLIT=${SPLIT:-dev}
 RUNS=${RUNS:-runs}
+[ "$SPLIT" = test ] && RUNS=$RUNS/test
 DTYPE=${DTYPE:-bfloat16}
 DT=",dtype=$DTYPE"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # more torch threads than cores oversubscribes (see docs)
@@ -114,14 +118,27 @@ declare -A ARGS=(
 )
 mkdir -p "$RUNS/cache"
 
+rows() {  # SUITE DEV_ARGS...: the dev split's --limit arguments, or on SPLIT=test the test split's --samples file
+  local suite=$1; shift
+  if [ "$SPLIT" = test ]; then
+    python -m sdtp_eval.retention.splits "$suite" test --out "$RUNS/splits/$suite.json" || return 1
+    echo "--samples $RUNS/splits/$suite.json"
+  else
+    echo "$@"
+  fi
+}
+
 lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all where fewer), 2048 tokens;
   # an optional LIMIT runs the first LIMIT rows of each task instead (into lbgenLIMIT/), sharing the cache,
   # so a later full run redoes none of them
   local limit=${2:-30} out="$RUNS/lbgen/$1"
   [ "$limit" != 30 ] && out="$RUNS/lbgen$limit/$1"
   [ -d "$out" ] && return
+  local tasks=$LB sel
+  [ "$SPLIT" = test ] && tasks=$(python -c 'from sdtp_eval.retention.splits import split_samples as s; print(",".join(s("lbgen", "test")))')
+  sel=$(rows lbgen --limit "$limit") || return
   lm_eval --model sdtp --model_args "${ARGS[$1]}${DT},truncation=middle,max_length=2048" \
-    --tasks $LB --limit "$limit" --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$out"
+    --tasks "$tasks" $sel --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$out"
 }
 
 table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test split, as lm-eval scores it);
@@ -191,24 +208,29 @@ t3partreport() {  # the paired report of one chunk, dense against CONFIG (both m
 }
 
 ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), one length
-  local out="$RUNS/ruler$2/$1"
+  local out="$RUNS/ruler$2/$1" sel
   [ -d "$out" ] && return
+  sel=$(rows ruler --limit 20) || return
   lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks sdtp_ruler_offline \
-    --metadata "{\"max_seq_lengths\":[$2]}" --limit 20 --log_samples --use_cache "$RUNS/cache/ruler$2_$1" \
+    --metadata "{\"max_seq_lengths\":[$2]}" $sel --log_samples --use_cache "$RUNS/cache/ruler$2_$1" \
     --output_path "$out"
 }
 
 needle() {  # the needle depth sweep at one length (1k, 2k, 4k): the first LIMIT documents (11 depths each)
-  local out="$RUNS/needle$2/$1"
+  local out="$RUNS/needle$2/$1" sel
   [ -d "$out" ] && return
-  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks "sdtp_needle_depth_$2" --limit "$3" \
+  sel=$(rows "needle$2" --limit "$3") || return
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks "sdtp_needle_depth_$2" $sel \
     --log_samples --use_cache "$RUNS/cache/needle$2_$1" --output_path "$out"
 }
 
-nll() {  # LongBench answer NLL: first 20 rows of narrativeqa, qasper, hotpotqa_e (46 answers), 2048 tokens
+nll() {  # LongBench answer NLL: first 20 rows of narrativeqa, qasper, hotpotqa_e (46 answers), 2048 tokens;
+  # SPLIT=test: 2wikimqa_e rows 30-59 and multi_news_e rows 30-49
   [ -d "$RUNS/nll/$1" ] && return
-  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" \
-    --tasks longbench_nll_narrativeqa,longbench_nll_qasper,longbench_nll_hotpotqa_e --limit 20 --log_samples \
+  local tasks=longbench_nll_narrativeqa,longbench_nll_qasper,longbench_nll_hotpotqa_e sel
+  [ "$SPLIT" = test ] && tasks=longbench_nll_2wikimqa_e,longbench_nll_multi_news_e
+  sel=$(rows nll --limit 20) || return
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks "$tasks" $sel --log_samples \
     --use_cache "$RUNS/cache/nll_$1" --output_path "$RUNS/nll/$1"
 }
 

@@ -150,3 +150,41 @@ def test_context_only_keeps_records_with_their_own_passage_and_counts_them(tmp_p
     assert text("passage 3") in prompt and prompt.count(text("passage")) >= 2 and text("Q3?") in prompt
     with pytest.raises(TrainDataError, match="no instruction record .* context of its own"):
         load_examples(str(path), tok, context_only=True, skip=4)
+
+
+def test_training_mix_builds_long_qa_retrieval_and_short_prompts_deterministically():
+    from sdtp_core.train.data import MAX_TOKENS, MIN_TOKENS, training_mix
+
+    tok = char_tokenizer()
+    records = [
+        {"instruction": f"Question {i}?", "context": f"passage number {i}. " * 40, "response": f"answer {i}"}
+        for i in range(30)
+    ] + [{"instruction": f"Name a colour {i}.", "context": "", "response": "blue"} for i in range(30)]
+    mixed, counts = training_mix(records, tok, seed=3, min_tokens=2000, max_tokens=3000)
+    assert (mixed, counts) == training_mix(records, tok, seed=3, min_tokens=2000, max_tokens=3000)
+    assert mixed != training_mix(records, tok, seed=4, min_tokens=2000, max_tokens=3000)[0]
+    assert sum(counts.values()) == len(mixed) == 60 and min(counts.values()) > 0
+    own = {r["context"].strip() for r in records[:30]}
+    kinds = {"passage_qa": 0, "retrieval": 0, "short": 0}
+    for before, after in zip(records, mixed):
+        if after is before:  # a short prompt: the record unchanged
+            kinds["short"] += 1
+            continue
+        assert after["question_last"] and len(after["context"]) >= 2000
+        passages = after["context"].split("\n\n")
+        if "badge number" in after["instruction"] or "Answer with the value only" in after["instruction"]:
+            kinds["retrieval"] += 1
+            name, attribute = after["instruction"][len("What is ") :].split("'s ", 1)
+            attribute = attribute.split("?")[0]
+            facts = [p for p in passages if p not in own]
+            assert 2 <= len(facts) <= 5 and f"{name}'s {attribute} is {after['response']}." in facts
+            assert sum(f.startswith(f"{name}'s {attribute} is ") for f in facts) == 1  # one answer, no ambiguity
+        else:
+            kinds["passage_qa"] += 1
+            assert passages.count(before["context"].strip()) == 1 and set(passages) <= own
+    assert kinds == counts
+    assert 0 < MIN_TOKENS < MAX_TOKENS <= 4096
+    with pytest.raises(TrainDataError, match="0 < min <= max"):
+        training_mix(records, tok, min_tokens=10, max_tokens=5)
+    with pytest.raises(TrainDataError, match="distractor_tokens"):
+        load_examples("unused.jsonl", tok, mix=True, distractor_tokens=100)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from sdtp_core.train.losses import (
@@ -82,3 +83,23 @@ def test_lm_loss_per_sample_matches_cross_entropy():
     ref0 = torch.nn.functional.cross_entropy(logits[0, :2], labels[0, :2])
     ref1 = torch.nn.functional.cross_entropy(logits[1, 1:], labels[1, 1:])
     assert torch.allclose(got, torch.stack([ref0, ref1]), atol=1e-6)
+
+
+def test_boundary_pairs_cross_the_keep_boundary_and_the_loss_matches_hand_computation():
+    from sdtp_core.train.losses import boundary_pairs
+
+    target = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2])
+    i, j = boundary_pairs(target, keep=2, max_pairs=100)  # keeps tokens 1 and 3
+    assert sorted(zip(i.tolist(), j.tolist())) == [(1, 0), (1, 2), (1, 4), (3, 0), (3, 2), (3, 4)]
+    i, j = boundary_pairs(target, keep=2, max_pairs=4, generator=torch.Generator().manual_seed(0))
+    assert len(i) == 4 and set(i.tolist()) <= {1, 3} and set(j.tolist()) <= {0, 2, 4}
+    pred = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    got = rank_loss_per_sample(pred, target[None], mask, keep=[2])
+    margins = [1 - 0, 1 - 0, 1 - 2, 0 - 0, 0 - 0, 0 - 2]  # pred_i - pred_j over the six pairs above
+    expected = sum(math.log1p(math.exp(-m)) for m in margins) / 6
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # no boundary inside the mask (keep everything): uniform pairs, as the paper's loss
+    assert rank_loss_per_sample(pred, target[None], mask, keep=[5]).item() == pytest.approx(
+        rank_loss_per_sample(pred, target[None], mask).item()
+    )

@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--context-only", action="store_true", help="only records with a context of their own, as in training"
     )
+    parser.add_argument("--mix", action="store_true", help="the training mix of these records, as in training")
     parser.add_argument("--out", default=None, help="write the JSON result here (default: print it)")
     args = parser.parse_args(argv)
 
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         skip=args.skip,
         distractor_tokens=args.distractor_tokens,
         context_only=args.context_only,
+        mix=args.mix,
     )
     result = evaluate(model, pruner, examples)
     from sdtp_core.bench.machine import machine_info
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_length": args.max_length,
         "distractor_tokens": args.distractor_tokens,
         **({"context_only": True} if args.context_only else {}),
+        **({"mix": True} if args.mix else {}),
         **result,
     }
     print(format_table(result))

@@ -32,6 +32,7 @@ class TrainConfig:
     text_prompt_fraction: float = 0.75
     distractor_tokens: int = 0
     context_only: bool = False
+    mix: bool = False
     max_samples: int | None = None
     max_length: int = 512
     dtype: str = "auto"
@@ -61,6 +62,7 @@ class TrainConfig:
     no_rank: bool = False
     no_mse: bool = False
     max_pairs: int = 16384
+    rank_pairs: str = "uniform"
     tau: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
@@ -78,6 +80,10 @@ class TrainConfig:
             raise TrainConfigError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         if self.format not in FORMATS:
             raise TrainConfigError(f"unknown format {self.format!r}; choose one of {FORMATS}")
+        if self.rank_pairs not in ("uniform", "boundary"):
+            raise TrainConfigError(f"unknown --rank-pairs {self.rank_pairs!r}; choose uniform or boundary")
+        if self.rank_pairs == "boundary" and self.stage != "fit":
+            raise TrainConfigError("--rank-pairs boundary trains with the fit stage")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise TrainConfigError(f"unknown schedule {self.schedule!r}; choose cosine, linear or constant")
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -96,6 +102,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.mix and (self.distractor_tokens or self.context_only):
+            raise TrainConfigError("--mix sets the prompt lengths itself: drop --distractor-tokens and --context-only")
         if self.distractor_tokens < 0:
             raise TrainConfigError(f"--distractor-tokens must be >= 0, got {self.distractor_tokens}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -168,6 +176,9 @@ HELP = {
     "context_only": "use only the instruction records that have a context of their own (the answer depends on a "
     "passage, as in long-context QA; with --distractor-tokens it is the passage hidden among the others); "
     "--max-samples then counts those records",
+    "mix": "build the long-prompt training mix from instruction records: passage QA (a record's context among "
+    "distractor passages, 768-3584 tokens, question last), key-value retrieval in the same prose, and short "
+    "prompts (sdtp_core/train/data.py, training_mix); raise --max-length to fit (e.g. 4096)",
     "max_samples": "use only the first N records of the data",
     "max_length": "truncate samples to this many tokens (prompt middle-truncated, target kept >= 1/4)",
     "dtype": "compute dtype of the frozen model: auto (bfloat16 on GPU, float32 on CPU, where bfloat16 matmuls "
@@ -204,6 +215,8 @@ HELP = {
     "no_rank": "ablation: drop the ranking loss",
     "no_mse": "ablation: drop the MSE loss",
     "max_pairs": "ranking-loss pairs per sample and stage; more pairs are subsampled uniformly",
+    "rank_pairs": "uniform (the paper: pairs drawn over all prompt tokens) or boundary (each pair one token the "
+    "target keeps at that stage, one it drops: the order pruning decides on; fit stage only)",
     "tau": "temperature of the Gumbel-sigmoid relaxation of the keep decisions",
     "seed": "seed of the pruner initialisation, data order, Gumbel noise and pair sampling",
     "checkpoint_every": "save a resumable Stage 2 checkpoint every N optimizer steps",

@@ -14,6 +14,22 @@ Long inputs (``distractor_tokens``, :func:`with_distractors`): each instruction 
 hidden among other records' contexts and the instruction moves after them, as in LongBench prompts
 (the question after a long context).
 
+The training mix (``mix``, :func:`training_mix`) shapes the records like the prompts pruning is used on, one
+sample per record, the kind drawn per record from a seeded generator:
+
+* **passage QA** (records with a context of their own, :data:`QA_SHARE` of them): the context hidden at a random
+  place among other records' contexts until the passages total a length drawn from ``[MIN_TOKENS, MAX_TOKENS]``;
+  the instruction after them.
+* **key-value retrieval** (:data:`RETRIEVAL_SHARE` of the records without a context): the same kind of prose
+  haystack with 2-5 invented facts ("Velsa Orrin's badge number is 40817.") spread through it, some sharing the
+  asked name or attribute; the question asks for one and the response is its value. Names, attributes and
+  sentence form differ from RULER's needles ("One of the special magic numbers for ... is: ...", UUID keys, a
+  noise or essay haystack) and from the needle depth sweep's.
+* **short prompts** (every other record): the record as it is, instruction first, so that short
+  multiple-choice-like prompts (the paper's Table 3 tasks) stay in the training distribution.
+
+No evaluation document is read: the haystack is the training records' own contexts.
+
 Sources: a local ``.jsonl`` / ``.json`` file (records as above), a local ``.txt`` file (one sample per
 blank-line separated block), or a Hugging Face Hub dataset id (its ``train`` split).
 """
@@ -134,35 +150,125 @@ def has_own_context(record) -> bool:
     return isinstance(record, dict) and "instruction" in record and bool(str(record.get("context") or "").strip())
 
 
-def with_distractors(records: list[dict], tokenizer, tokens: int, seed: int = 0) -> list[dict]:
-    """Long-input versions of the instruction records: the record's own context (if any) is put at a random
-    place among other records' contexts (distractor passages, drawn from the same training data) until the
-    passages total about ``tokens`` tokens; the instruction comes after them (``question_last``). Text
-    records pass unchanged. Deterministic for a given ``seed``."""
-    instructions = [(i, r) for i, r in enumerate(records) if isinstance(r, dict) and "instruction" in r]
-    pool = [(i, str(r.get("context") or "").strip()) for i, r in instructions]
-    pool = [(i, text) for i, text in pool if text]
+def passage_pool(records: list, tokenizer) -> list[tuple[int, str, int]]:
+    """``(record index, context, tokens)`` of every instruction record with a non-empty context: the passages
+    that long training prompts hide a record's own context among."""
+    pool = [(i, str(r.get("context") or "").strip()) for i, r in enumerate(records) if has_own_context(r)]
     if not pool:
         raise TrainDataError("distractor passages need instruction records with a non-empty context")
-    sizes = {i: len(tokenizer(text, add_special_tokens=False)["input_ids"]) for i, text in pool}
+    return [(i, text, len(tokenizer(text, add_special_tokens=False)["input_ids"])) for i, text in pool]
+
+
+def draw_passages(pool: list[tuple[int, str, int]], tokens: int, rng: random.Random, exclude: int = -1) -> list[str]:
+    """Passages of ``pool`` in a random order (never record ``exclude``'s) until they total ``tokens`` or more."""
+    passages, used = [], 0
+    for j in rng.sample(range(len(pool)), len(pool)):
+        if used >= tokens:
+            break
+        if pool[j][0] != exclude:
+            passages.append(pool[j][1])
+            used += pool[j][2]
+    return passages
+
+
+def hide_context(record: dict, index: int, pool: list[tuple[int, str, int]], tokens: int, rng: random.Random) -> dict:
+    """``record`` (number ``index`` of the pool's records) with its own context put at a random place among
+    other records' contexts until the passages total about ``tokens`` tokens, and the instruction last."""
+    own = str(record.get("context") or "").strip()
+    own_size = next((size for i, _, size in pool if i == index), 0) if own else 0
+    passages = draw_passages(pool, tokens - own_size, rng, exclude=index)
+    if own:
+        passages.insert(rng.randint(0, len(passages)), own)
+    return {**record, "context": "\n\n".join(passages), "question_last": True}
+
+
+def with_distractors(records: list[dict], tokenizer, tokens: int, seed: int = 0) -> list[dict]:
+    """Long-input versions of the instruction records (:func:`hide_context`): distractor passages are drawn
+    from the same records. Text records pass unchanged. Deterministic for a given ``seed``."""
+    pool = passage_pool(records, tokenizer)
     out = []
     for i, record in enumerate(records):
         if not isinstance(record, dict) or "instruction" not in record:
             out.append(record)
             continue
-        rng = random.Random(f"sdtp-distractors:{seed}:{i}")
-        own = str(record.get("context") or "").strip()
-        passages, used = [], sizes.get(i, 0)
-        for j in rng.sample(range(len(pool)), len(pool)):
-            if used >= tokens:
-                break
-            if pool[j][0] != i:
-                passages.append(pool[j][1])
-                used += sizes[pool[j][0]]
-        if own:
-            passages.insert(rng.randint(0, len(passages)), own)
-        out.append({**record, "context": "\n\n".join(passages), "question_last": True})
+        out.append(hide_context(record, i, pool, tokens, random.Random(f"sdtp-distractors:{seed}:{i}")))
     return out
+
+
+QA_SHARE = 0.9
+"""Share of the records with a context of their own that become long passage-QA prompts (the rest stay short)."""
+RETRIEVAL_SHARE = 0.5
+"""Share of the records without a context that become key-value retrieval prompts (the rest stay short)."""
+MIN_TOKENS, MAX_TOKENS = 768, 3584
+"""Range of the passages' length (tokens) of a long prompt, drawn uniformly per record."""
+
+_SYLLABLES = ("vel", "sa", "or", "rin", "tam", "bo", "ke", "lu", "dra", "mi", "nor", "quen", "zar", "fe", "ith",
+              "pal", "wen", "jo", "rux", "ta", "mel", "cor", "ani", "dev")  # fmt: skip
+_ATTRIBUTES = ("badge number", "locker code", "parking space", "desk extension", "room number", "member id",
+               "shipping reference", "account pin")  # fmt: skip
+
+
+def _name(rng: random.Random) -> str:
+    def word(parts: int) -> str:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(parts)).capitalize()
+
+    return f"{word(2)} {word(rng.randint(2, 3))}"
+
+
+def _value(rng: random.Random) -> str:
+    if rng.random() < 0.6:
+        return str(rng.randint(1000, 999999))
+    letters = "".join(rng.choice("ABCDEFGHJKLMNPRSTUVWXYZ") for _ in range(2))
+    return f"{letters}-{rng.randint(10, 9999)}"
+
+
+def retrieval_record(passages: list[str], rng: random.Random) -> dict:
+    """A key-value retrieval record: ``passages`` (the haystack) with 2-5 invented facts spread through them,
+    the question for one fact last, its value the response."""
+    asked_name, asked_attr = _name(rng), rng.choice(_ATTRIBUTES)
+    facts = [(asked_name, asked_attr, _value(rng))]
+    for _ in range(rng.randint(1, 4)):  # distractors: the same name with another attribute, or another name
+        other_attr = rng.choice([a for a in _ATTRIBUTES if a != asked_attr])
+        if rng.random() < 0.5:
+            facts.append((asked_name, other_attr, _value(rng)))
+        else:
+            facts.append((_name(rng), asked_attr, _value(rng)))
+    text = list(passages)
+    for name, attr, value in facts:
+        text.insert(rng.randint(0, len(text)), f"{name}'s {attr} is {value}.")
+    instruction = f"What is {asked_name}'s {asked_attr}? Answer with the value only."
+    return {"instruction": instruction, "context": "\n\n".join(text), "response": facts[0][2], "question_last": True}
+
+
+def training_mix(
+    records: list[dict],
+    tokenizer,
+    seed: int = 0,
+    min_tokens: int = MIN_TOKENS,
+    max_tokens: int = MAX_TOKENS,
+) -> tuple[list[dict], dict[str, int]]:
+    """The mix built from instruction ``records`` (one sample per record, same order) and the count of each
+    kind. Deterministic for a given ``seed``."""
+    if not 0 < min_tokens <= max_tokens:
+        raise TrainDataError(f"mix lengths must satisfy 0 < min <= max, got {min_tokens}, {max_tokens}")
+    pool = passage_pool(records, tokenizer)
+    out, counts = [], {"passage_qa": 0, "retrieval": 0, "short": 0}
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or "instruction" not in record:
+            raise TrainDataError(f"record {i}: the training mix takes instruction records only")
+        rng = random.Random(f"sdtp-mix:{seed}:{i}")
+        tokens = rng.randint(min_tokens, max_tokens)
+        own = has_own_context(record)
+        if own and rng.random() < QA_SHARE:
+            out.append(hide_context(record, i, pool, tokens, rng))
+            counts["passage_qa"] += 1
+        elif not own and rng.random() < RETRIEVAL_SHARE:
+            out.append(retrieval_record(draw_passages(pool, tokens, rng), rng))
+            counts["retrieval"] += 1
+        else:
+            out.append(record)
+            counts["short"] += 1
+    return out, counts
 
 
 def _middle_truncate(ids: list[int], budget: int) -> list[int]:
@@ -215,6 +321,7 @@ def load_examples(
     distractor_tokens: int = 0,
     seed: int = 0,
     context_only: bool = False,
+    mix: bool = False,
 ) -> list[Example]:
     """Load, format and tokenize a training set. Raises :class:`TrainDataError` if nothing usable remains.
 
@@ -222,7 +329,8 @@ def load_examples(
     sample ids stay the records' indices in the full source. ``distractor_tokens`` > 0 turns instruction
     records into long inputs (:func:`with_distractors`, seeded by ``seed``). ``context_only`` keeps only
     the instruction records that have a context of their own (whose answer depends on a passage, as in
-    long-context QA); ``skip`` and ``max_samples`` then count those records.
+    long-context QA); ``skip`` and ``max_samples`` then count those records. ``mix`` builds the training mix
+    (:func:`training_mix`, seeded by ``seed``) from the records instead.
     """
     if max_length < 8:
         raise TrainDataError(f"max_length {max_length} is too small (need at least 8 tokens)")
@@ -231,6 +339,8 @@ def load_examples(
     fmt = resolve_format(fmt, tokenizer)
     if distractor_tokens < 0:
         raise TrainDataError(f"distractor_tokens must be >= 0, got {distractor_tokens}")
+    if mix and (distractor_tokens or context_only):
+        raise TrainDataError("the training mix sets the prompt lengths itself: drop distractor_tokens/context_only")
     # (index in the source, record) of the eligible records; skip and max_samples count those
     indexed = [(i, r) for i, r in enumerate(load_records(data)) if not context_only or has_own_context(r)]
     indexed = indexed[skip:][:max_samples]
@@ -239,6 +349,8 @@ def load_examples(
             raise TrainDataError(f"no instruction record of {data} with a context of its own after skipping {skip}")
         raise TrainDataError(f"no records in {data} after skipping {skip}")
     ids, records = [i for i, _ in indexed], [r for _, r in indexed]
+    if mix:
+        records = training_mix(records, tokenizer, seed)[0]
     if distractor_tokens:
         records = with_distractors(records, tokenizer, distractor_tokens, seed)
     examples = []

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from sdtp_core.bench.quality import spearman
 from sdtp_core.pruner import TokenPruner
-from sdtp_core.selection import protected_mask
+from sdtp_core.selection import keep_counts, protected_mask
 from sdtp_core.spans import segment_ids
 from sdtp_core.train.checkpoints import save_checkpoint, save_pruner, start_step
 from sdtp_core.train.data import Example
@@ -119,6 +119,7 @@ def sample_loss(
     max_pairs: int,
     generator: torch.Generator,
     features: torch.Tensor | None = None,
+    boundary: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, mse, rank) of one sample, summed over stages, on its unprotected prompt tokens.
 
@@ -127,9 +128,12 @@ def sample_loss(
         weights: ``(w_mse, w_rank)``.
         features: (stages, prompt_len, F) the question-aware features (:func:`stage_features`), if the pruner has
             any.
+        boundary: rank pairs cross each stage's keep/drop boundary of the target (``--rank-pairs boundary``):
+            one token of the ``ceil(keep_ratio_s * n)`` the stage keeps (less the protected ones), one of the rest.
     """
     cfg = pruner.config
     decided, context = whole_prompt(hidden.shape[1], cfg)
+    n, free = hidden.shape[1], int(decided.sum())
     mse = rank = torch.zeros(1)
     for s in range(cfg.num_stages):
         if features is not None:
@@ -138,7 +142,8 @@ def sample_loss(
         if weights[0] > 0:
             mse = mse + mse_loss_per_sample(pred, target[s][None], decided)
         if weights[1] > 0:
-            rank = rank + rank_loss_per_sample(pred, target[s][None], decided, max_pairs, generator)
+            keep = [keep_counts(torch.tensor([n]), cfg.keep_ratios[s])[0].item() - (n - free)] if boundary else None
+            rank = rank + rank_loss_per_sample(pred, target[s][None], decided, max_pairs, generator, keep)
     return weights[0] * mse + weights[1] * rank, mse, rank
 
 
@@ -185,7 +190,9 @@ def fit_pruner(cfg, model, examples: list[Example], model_name: str, line_ends: 
             target = saliency_targets(store, [e], pcfg.layers, e.length)[:, 0, : e.prompt_len]
             generator = sample_generator(cfg.seed, step, e.sample_id)
             qf = features_of(e, hidden)
-            total, mse, rank = sample_loss(pruner, hidden, target, (w_mse, w_rank), cfg.max_pairs, generator, qf)
+            total, mse, rank = sample_loss(
+                pruner, hidden, target, (w_mse, w_rank), cfg.max_pairs, generator, qf, cfg.rank_pairs == "boundary"
+            )
             (total.sum() / len(chosen)).backward()
             sums += torch.tensor([float(x.detach().sum()) for x in (total, mse, rank)], dtype=torch.float64)
         grad_norm, lr = optimizer_step(pruner, optimizer, scheduler, cfg.max_grad_norm)

@@ -71,12 +71,29 @@ def sample_pairs(
     return torch.minimum(a, b), torch.maximum(a, b)
 
 
+def boundary_pairs(
+    target: torch.Tensor, keep: int, max_pairs: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs ``(i, j)`` over the items of ``target`` (n,), ``i`` among the ``keep`` highest targets and ``j``
+    among the rest: every such pair if there are at most ``max_pairs``, else ``max_pairs`` drawn uniformly
+    (with replacement). These are the pairs whose order decides which tokens a stage keeping ``keep`` drops."""
+    order = torch.argsort(target.float().cpu(), descending=True, stable=True)
+    top, rest = order[:keep], order[keep:]
+    if top.numel() * rest.numel() <= max_pairs:
+        i, j = torch.cartesian_prod(top, rest).unbind(-1)
+        return i, j
+    a = torch.randint(0, top.numel(), (max_pairs,), generator=generator)
+    b = torch.randint(0, rest.numel(), (max_pairs,), generator=generator)
+    return top[a], rest[b]
+
+
 def rank_loss_per_sample(
     pred: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor,
     max_pairs: int = 16384,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    keep: list[int] | None = None,
 ) -> torch.Tensor:
     """Pairwise logistic ranking loss (paper eq. 6) per sample, averaged over non-tied pairs.
 
@@ -89,6 +106,8 @@ def rank_loss_per_sample(
         mask: (batch, n) supervised tokens.
         max_pairs: cap on the number of pairs per sample.
         generator: CPU generator for pair sampling (for reproducibility), or one per row.
+        keep: per row, how many of its ``mask`` tokens the stage keeps: pairs then only cross that boundary
+            (:func:`boundary_pairs`; not in the paper, whose pairs are uniform over all tokens). None: uniform.
 
     Returns:
         (batch,) losses; 0 for a row with no informative pair.
@@ -100,7 +119,10 @@ def rank_loss_per_sample(
             losses.append(pred.new_zeros((), dtype=torch.float32))
             continue
         row_generator = generator[b] if isinstance(generator, list) else generator
-        i, j = sample_pairs(idx.numel(), max_pairs, row_generator)
+        if keep is not None and 0 < keep[b] < idx.numel():
+            i, j = boundary_pairs(target[b, idx], keep[b], max_pairs, row_generator)
+        else:
+            i, j = sample_pairs(idx.numel(), max_pairs, row_generator)
         i, j = idx[i.to(idx.device)], idx[j.to(idx.device)]
         sign = torch.sign(target[b, i].float() - target[b, j].float())
         informative = sign != 0

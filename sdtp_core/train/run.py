@@ -78,6 +78,7 @@ def run(cfg: TrainConfig) -> Path:
         distractor_tokens=cfg.distractor_tokens,
         seed=cfg.seed,
         context_only=cfg.context_only,
+        mix=cfg.mix,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if accelerator.is_main_process:

@@ -43,6 +43,7 @@ def saliency_meta(cfg: TrainConfig, model_config, model_name: str, layers: list[
         "text_prompt_fraction": cfg.text_prompt_fraction,
         **({"distractor_tokens": cfg.distractor_tokens} if cfg.distractor_tokens else {}),  # old stores lack it
         **({"context_only": True} if cfg.context_only else {}),
+        **({"mix": True} if cfg.mix else {}),
         "loss": "mean next-token cross-entropy over the response (target) tokens",
         "saliency": "sum over hidden of dL/dh * h at the input of each layer",
     }
