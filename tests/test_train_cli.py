@@ -339,7 +339,8 @@ def test_fit_trains_a_query_scorer(work, tmp_path):
 
 def test_fit_trains_question_aware_features_and_resumes(work, tmp_path, capsys):
     """--features: the fit stage computes each sample's features once from the stage layers (line ends from the
-    tokenizer), fits both MLPs, resumes bit-identically, and the saved pruner runs in the engine."""
+    tokenizer), fits both MLPs with rank pairs across the keep boundary, resumes bit-identically, and the saved
+    pruner runs in the engine."""
     from transformers import AutoModelForCausalLM
 
     common = (
@@ -351,6 +352,8 @@ def test_fit_trains_question_aware_features_and_resumes(work, tmp_path, capsys):
         "attn,span:4:1,line:8:2",
         "--feature-window",
         "3",
+        "--rank-pairs",
+        "boundary",
     )
     ref, sliced = tmp_path / "ref", tmp_path / "sliced"
     assert main(_fit_args(work, ref, *common)) == 0
@@ -373,6 +376,8 @@ def test_fit_trains_question_aware_features_and_resumes(work, tmp_path, capsys):
     # Stage 2 cannot train them (its masked forward scores prompt and response together)
     assert main(_args(work, tmp_path / "s2", "--features", "default")) == 2
     assert "train with the fit stage" in capsys.readouterr().err
+    assert main(_args(work, tmp_path / "s2", "--rank-pairs", "boundary")) == 2
+    assert "fit stage" in capsys.readouterr().err
 
 
 def test_recorded_paths_are_portable(work, tmp_path, monkeypatch):
