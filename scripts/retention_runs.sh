@@ -146,6 +146,13 @@ table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test 
   # position over the 152K-token vocabulary), so run it with BATCH=4 beside another job
   local name=$1; shift
   local tasks=("$@"); [ ${#tasks[@]} -eq 0 ] && tasks=("${T3[@]}")
+  if [ "$SPLIT" = test ]; then  # the test documents of all eight tasks in one run (sdtp_eval/retention/splits.py)
+    [ -d "$RUNS/t3/$name" ] && return
+    python -m sdtp_eval.retention.splits table3 test --out "$RUNS/splits/table3.json" || return
+    lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --tasks "$(IFS=,; echo "${T3[*]}")" --batch_size "${BATCH:-16}" \
+      --samples "$RUNS/splits/table3.json" --log_samples --use_cache "$RUNS/cache/t3_$name" --output_path "$RUNS/t3/$name"
+    return
+  fi
   for task in "${tasks[@]}"; do
     [ -d "$RUNS/t3/$name/$task" ] && continue
     lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --tasks "$task" --batch_size "${BATCH:-16}" \

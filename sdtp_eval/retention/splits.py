@@ -10,6 +10,8 @@ every training source (training reads no LongBench or RULER data: ``sdtp_core.tr
 * LongBench generation: dev = the first 30 rows of qasper_e, 2wikimqa_e, multi_news_e, triviaqa_e,
   passage_count_e, lcc_e (158 rows: qasper_e and lcc_e have fewer); test = rows 30-59 of 2wikimqa_e, multi_news_e,
   triviaqa_e, passage_count_e, samsum_e, trec_e (180 rows; code has no rows left: lcc_e has 13, all dev).
+* Table 3 (copa, cb, wsc, wic, winogrande, piqa, boolq, mathqa; short prompts, the paper's accuracy table): dev =
+  even document indices, test = the first 150 odd ones of each task (all of them where a task has fewer).
 * answer NLL: dev = set 1 (narrativeqa, qasper, hotpotqa_e: every row there is) and set 2 (2wikimqa_e rows
   0-29, multifieldqa_en_e); test = 2wikimqa_e rows 30-59 and multi_news_e rows 30-49.
 
@@ -35,8 +37,12 @@ LONGBENCH_ROWS = {"qasper_e": 25, "lcc_e": 13, "hotpotqa_e": 13, "multifieldqa_e
 NLL_DEV = {"narrativeqa": range(20), "qasper": range(13), "hotpotqa_e": range(13), "2wikimqa_e": range(30),
            "multifieldqa_en_e": range(11)}  # fmt: skip
 NLL_TEST = {"2wikimqa_e": range(30, 60), "multi_news_e": range(30, 50)}
+TABLE3_DOCS = {"copa": 100, "cb": 56, "wsc": 104, "wic": 638, "winogrande": 1267, "piqa": 1838, "boolq": 3270,
+               "mathqa": 2985}  # fmt: skip
+"""Documents lm-eval scores of each Table 3 task (validation sets; MathQA's test split)."""
+TABLE3_TEST_PER_TASK = 150
 SPLITS = ("dev", "test")
-SUITES = ("ruler", "needle2k", "needle4k", "lbgen", "nll")
+SUITES = ("ruler", "needle2k", "needle4k", "lbgen", "nll", "table3")
 
 
 def _needle(items: range) -> list[int]:
@@ -60,6 +66,10 @@ def split_samples(suite: str, split: str) -> dict[str, list[int]]:
         if dev:
             return {f"longbench_{t}": list(range(min(30, LONGBENCH_ROWS.get(t, 30)))) for t in LONGBENCH_DEV}
         return {f"longbench_{t}": list(range(30, 60)) for t in LONGBENCH_TEST}
+    if suite == "table3":
+        if dev:
+            return {task: list(range(0, n, 2)) for task, n in TABLE3_DOCS.items()}
+        return {task: list(range(1, n, 2))[:TABLE3_TEST_PER_TASK] for task, n in TABLE3_DOCS.items()}
     rows = NLL_DEV if dev else NLL_TEST
     return {f"longbench_nll_{t}": list(r) for t, r in rows.items()}
 
