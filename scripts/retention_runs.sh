@@ -31,11 +31,13 @@
 # (attention:64:95:15:l, a span of 95 before: the `line` preset, the default scorer since 2026-12-06 evening),
 # line16 (line95 with a line of fewer than 16 tokens, a title or a `Passage 1:`, joined to the line below it),
 # late_spread (spread at the 8 odd layers from 7, keep 0.835), long (a pruner trained on long inputs, directory
-# $LONG_PRUNER, default $RUNS/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only
+# $LONG_PRUNER, default $RUNS_TRAIN/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only
 # (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
 # with --scorer-input-norm rms: docs/training.md), long_fit, long_fit_rms and long_fit_query (the 'fit' stage on
 # its saliency: token-only, token-only on RMS-normalised states, query-conditioned), ctx_fit (the 'fit' stage
-# on long inputs built only from records with a context of their own: --context-only), norm, random; these prune
+# on long inputs built only from records with a context of their own: --context-only), mix_feat and mix_mlp (the
+# 'fit' stage on the training mix, --mix: with the question-aware features, and the paper's MLP alone; issue 32,
+# docs/training.md), norm, random; these prune
 # every prompt (min_prompt_tokens=0); union (shipped+attention: a token survives if either the trained pruner or the
 # attention scorer ranks it high, sdtp_core.scorers.RankUnion). snapkv, streaming_llm, h2o (kvpress's ObservedAttentionPress, eager
 # attention), knorm, tova: a kvpress press alone (no pruning) removing 35% of every layer's KV entries,
@@ -64,6 +66,7 @@
 set -u
 SPLIT=${SPLIT:-dev}
 RUNS=${RUNS:-runs}
+RUNS_TRAIN=$RUNS  # where the trained pruners are, whichever split runs
 [ "$SPLIT" = test ] && RUNS=$RUNS/test
 DTYPE=${DTYPE:-bfloat16}
 DT=",dtype=$DTYPE"
@@ -92,14 +95,16 @@ declare -A ARGS=(
   [line16]="pruner=attention:64:95:15:l16,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread_union_odd]="pruner=attention:64:63:15+attention,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [late_spread]="pruner=attention:64:63:15,layers=7:9:11:13:15:17:19:21,keep_ratio=0.835,min_prompt_tokens=0"
-  [long]="pruner=${LONG_PRUNER:-$RUNS/train_long/pruner},min_prompt_tokens=0"
-  [long_norank]="pruner=$RUNS/train_long_norank/pruner,min_prompt_tokens=0"
-  [long_lm_only]="pruner=$RUNS/train_long_lm_only/pruner,min_prompt_tokens=0"
-  [long_rms]="pruner=$RUNS/train_long_rms/pruner,min_prompt_tokens=0"
-  [long_fit]="pruner=$RUNS/train_long_fit/pruner,min_prompt_tokens=0"
-  [long_fit_rms]="pruner=$RUNS/train_long_fit_rms/pruner,min_prompt_tokens=0"
-  [long_fit_query]="pruner=$RUNS/train_long_fit_query/pruner,min_prompt_tokens=0"
-  [ctx_fit]="pruner=$RUNS/train_ctx_fit/pruner,min_prompt_tokens=0"
+  [long]="pruner=${LONG_PRUNER:-$RUNS_TRAIN/train_long/pruner},min_prompt_tokens=0"
+  [long_norank]="pruner=$RUNS_TRAIN/train_long_norank/pruner,min_prompt_tokens=0"
+  [long_lm_only]="pruner=$RUNS_TRAIN/train_long_lm_only/pruner,min_prompt_tokens=0"
+  [long_rms]="pruner=$RUNS_TRAIN/train_long_rms/pruner,min_prompt_tokens=0"
+  [long_fit]="pruner=$RUNS_TRAIN/train_long_fit/pruner,min_prompt_tokens=0"
+  [long_fit_rms]="pruner=$RUNS_TRAIN/train_long_fit_rms/pruner,min_prompt_tokens=0"
+  [long_fit_query]="pruner=$RUNS_TRAIN/train_long_fit_query/pruner,min_prompt_tokens=0"
+  [ctx_fit]="pruner=$RUNS_TRAIN/train_ctx_fit/pruner,min_prompt_tokens=0"
+  [mix_feat]="pruner=$RUNS_TRAIN/train_mix_feat/pruner,min_prompt_tokens=0"
+  [mix_mlp]="pruner=$RUNS_TRAIN/train_mix_mlp/pruner,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [snapkv]="prune=false,press=snapkv,press_ratio=0.35"
   [streaming_llm]="prune=false,press=streaming_llm,press_ratio=0.35"
