@@ -394,3 +394,24 @@ def test_recorded_paths_are_portable(work, tmp_path, monkeypatch):
     assert main(_args(work, out, "--epochs", "1")) == 0
     config = json.loads((out / "train_config.json").read_text())
     assert config["out"] == "run" and not any(str(v).startswith("/") for v in config.values())
+
+
+def test_log_plot_averages_each_epoch_and_writes_a_png(tmp_path, capsys):
+    from sdtp_core.train.log_plot import epoch_means
+    from sdtp_core.train.log_plot import main as plot_main
+
+    log = tmp_path / "log.jsonl"
+    steps = [(0, 4.0, 2.0), (0, 2.0, 1.0), (1, 1.0, 0.5)]
+    log.write_text("\n".join(json.dumps({"step": i, "epoch": e, "loss": m + r, "mse": m, "rank": r, "lm": None})
+                             for i, (e, m, r) in enumerate(steps)))  # fmt: skip
+    rows = epoch_means(log)
+    assert rows == [
+        {"epoch": 0, "steps": 2, "loss": 4.5, "mse": 3.0, "rank": 1.5},
+        {"epoch": 1, "steps": 1, "loss": 1.5, "mse": 1.0, "rank": 0.5},
+    ]
+    plot_main([str(log), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 1 | 1 | 1.500 | 1.000 | 0.500 |" in capsys.readouterr().out
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no steps"):
+        epoch_means(tmp_path / "empty.jsonl")
