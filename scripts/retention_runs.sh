@@ -61,7 +61,7 @@
 # DTYPE (default bfloat16, as every committed run so far) sets the model's dtype. On a CPU without AVX512-BF16
 # (lscpu shows no avx512_bf16) bf16 runs several times slower than float32 there: use DTYPE=float32 with a
 # RUNS of its own (DTYPE=float32 RUNS=runs/fp32 ...), since runs are paired only with runs of the same dtype.
-# SPLIT=test runs a suite's test documents instead (ruler, needle, lbgen, nll; sdtp_eval/retention/splits.py) into
+# SPLIT=test runs a suite's test documents instead (ruler, needle, lbgen, nll, table3; sdtp_eval/retention/splits.py) into
 # $RUNS/test/: the first rows that --limit takes are the dev split, which every choice so far was made on.
 set -u
 SPLIT=${SPLIT:-dev}
@@ -123,14 +123,13 @@ declare -A ARGS=(
 )
 mkdir -p "$RUNS/cache"
 
-rows() {  # SUITE DEV_ARGS...: the dev split's --limit arguments, or on SPLIT=test the test split's --samples file
+select_docs() {  # SUITE DEV_ARGS...: sets SEL to the dev split's --limit arguments and SPLIT_TASKS to nothing, or on
+  # SPLIT=test SEL to --samples with the test split's file and SPLIT_TASKS to its comma-separated tasks
   local suite=$1; shift
-  if [ "$SPLIT" = test ]; then
-    python -m sdtp_eval.retention.splits "$suite" test --out "$RUNS/splits/$suite.json" || return 1
-    echo "--samples $RUNS/splits/$suite.json"
-  else
-    echo "$@"
-  fi
+  SEL="$*"; SPLIT_TASKS=
+  [ "$SPLIT" = test ] || return 0
+  SPLIT_TASKS=$(python -m sdtp_eval.retention.splits "$suite" test --out "$RUNS/splits/$suite.json" --tasks) || return 1
+  SEL="--samples $RUNS/splits/$suite.json"
 }
 
 lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all where fewer), 2048 tokens;
@@ -139,11 +138,9 @@ lbgen() {  # LongBench generation, 6 tasks (one per category) x 30 rows (all whe
   local limit=${2:-30} out="$RUNS/lbgen/$1"
   [ "$limit" != 30 ] && out="$RUNS/lbgen$limit/$1"
   [ -d "$out" ] && return
-  local tasks=$LB sel
-  [ "$SPLIT" = test ] && tasks=$(python -c 'from sdtp_eval.retention.splits import split_samples as s; print(",".join(s("lbgen", "test")))')
-  sel=$(rows lbgen --limit "$limit") || return
+  select_docs lbgen --limit "$limit" || return
   lm_eval --model sdtp --model_args "${ARGS[$1]}${DT},truncation=middle,max_length=2048" \
-    --tasks "$tasks" $sel --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$out"
+    --tasks "${SPLIT_TASKS:-$LB}" $SEL --log_samples --use_cache "$RUNS/cache/lbgen_$1" --output_path "$out"
 }
 
 table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test split, as lm-eval scores it);
@@ -153,9 +150,9 @@ table3() {  # the paper's Table 3 tasks, full validation sets (MathQA: its test 
   local tasks=("$@"); [ ${#tasks[@]} -eq 0 ] && tasks=("${T3[@]}")
   if [ "$SPLIT" = test ]; then  # the test documents of all eight tasks in one run (sdtp_eval/retention/splits.py)
     [ -d "$RUNS/t3/$name" ] && return
-    python -m sdtp_eval.retention.splits table3 test --out "$RUNS/splits/table3.json" || return
-    lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --tasks "$(IFS=,; echo "${T3[*]}")" --batch_size "${BATCH:-16}" \
-      --samples "$RUNS/splits/table3.json" --log_samples --use_cache "$RUNS/cache/t3_$name" --output_path "$RUNS/t3/$name"
+    select_docs table3 || return
+    lm_eval --model sdtp --model_args "${ARGS[$name]}${DT}" --tasks "$SPLIT_TASKS" --batch_size "${BATCH:-16}" \
+      $SEL --log_samples --use_cache "$RUNS/cache/t3_$name" --output_path "$RUNS/t3/$name"
     return
   fi
   for task in "${tasks[@]}"; do
@@ -220,29 +217,28 @@ t3partreport() {  # the paired report of one chunk, dense against CONFIG (both m
 }
 
 ruler() {  # lm-eval's RULER tasks with a local haystack (sdtp_ruler_offline), one length
-  local out="$RUNS/ruler$2/$1" sel
+  local out="$RUNS/ruler$2/$1"
   [ -d "$out" ] && return
-  sel=$(rows ruler --limit 20) || return
+  select_docs ruler --limit 20 || return
   lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks sdtp_ruler_offline \
-    --metadata "{\"max_seq_lengths\":[$2]}" $sel --log_samples --use_cache "$RUNS/cache/ruler$2_$1" \
+    --metadata "{\"max_seq_lengths\":[$2]}" $SEL --log_samples --use_cache "$RUNS/cache/ruler$2_$1" \
     --output_path "$out"
 }
 
 needle() {  # the needle depth sweep at one length (1k, 2k, 4k): the first LIMIT documents (11 depths each)
-  local out="$RUNS/needle$2/$1" sel
+  local out="$RUNS/needle$2/$1"
   [ -d "$out" ] && return
-  sel=$(rows "needle$2" --limit "$3") || return
-  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks "sdtp_needle_depth_$2" $sel \
+  select_docs "needle$2" --limit "$3" || return
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks "sdtp_needle_depth_$2" $SEL \
     --log_samples --use_cache "$RUNS/cache/needle$2_$1" --output_path "$out"
 }
 
 nll() {  # LongBench answer NLL: first 20 rows of narrativeqa, qasper, hotpotqa_e (46 answers), 2048 tokens;
   # SPLIT=test: 2wikimqa_e rows 30-59 and multi_news_e rows 30-49
   [ -d "$RUNS/nll/$1" ] && return
-  local tasks=longbench_nll_narrativeqa,longbench_nll_qasper,longbench_nll_hotpotqa_e sel
-  [ "$SPLIT" = test ] && tasks=longbench_nll_2wikimqa_e,longbench_nll_multi_news_e
-  sel=$(rows nll --limit 20) || return
-  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" --tasks "$tasks" $sel --log_samples \
+  select_docs nll --limit 20 || return
+  lm_eval --model sdtp --model_args "${ARGS[$1]}${DT}" \
+    --tasks "${SPLIT_TASKS:-longbench_nll_narrativeqa,longbench_nll_qasper,longbench_nll_hotpotqa_e}" $SEL --log_samples \
     --use_cache "$RUNS/cache/nll_$1" --output_path "$RUNS/nll/$1"
 }
 
