@@ -168,27 +168,44 @@ def format_markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Δ against cost, one point per method: against the E2E speed-up and KV kept when a speed report was given,
+    otherwise against 1/τ. Methods labelled ``SCORER/SCHEDULE`` (``line/0.85``) are one scorer at several
+    schedules: joined by a line in one colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("e2e_speedup", f"E2E speed-up over dense at {report['length']} tokens"), ("kv_kept", "KV kept")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (key, xlabel) in zip(axes, panels):
-        for i, r in enumerate(report["rows"]):  # one colour per method in both panels
-            if key not in r:
-                continue
-            lo, hi = r["diff_ci"]
-            yerr = [[r["diff"] - lo], [hi - r["diff"]]]
-            ax.errorbar(r[key], r["diff"], yerr=yerr, fmt="o", capsize=3, color=f"C{i % 10}")
-            ax.annotate(r["method"], (r[key], r["diff"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if any("e2e_speedup" in r for r in report["rows"]):
+        panels = [
+            (
+                "e2e_speedup",
+                f"E2E speed-up over dense at {report['length']} tokens",
+                "accuracy against speed (right and high is better)",
+            ),
+            ("kv_kept", "KV kept", "accuracy against KV memory (left and high is better)"),
+        ]
+    else:
+        panels = [("compression", "1/τ (prompt tokens / mean tokens a layer processes)", "accuracy against pruning")]
+    groups = list(dict.fromkeys(r["method"].split("/")[0] for r in report["rows"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 4.2), squeeze=False)
+    for ax, (key, xlabel, title) in zip(axes[0], panels):
+        for g, group in enumerate(groups):  # one colour per method (per scorer, over its schedules) in every panel
+            rows = sorted(
+                (r for r in report["rows"] if r["method"].split("/")[0] == group and key in r), key=lambda r: r[key]
+            )
+            if len(rows) > 1:
+                ax.plot([r[key] for r in rows], [r["diff"] for r in rows], color=f"C{g % 10}", linewidth=1, alpha=0.7)
+            for r in rows:
+                lo, hi = r["diff_ci"]
+                yerr = [[r["diff"] - lo], [hi - r["diff"]]]
+                ax.errorbar(r[key], r["diff"], yerr=yerr, fmt="o", capsize=3, color=f"C{g % 10}")
+                ax.annotate(r["method"], (r[key], r["diff"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"Δ {report['metric']} vs {report['reference']} (task mean)")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_title("accuracy against speed (right and high is better)")
-    axes[1].set_title("accuracy against KV memory (left and high is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
