@@ -53,3 +53,7 @@ def test_command_writes_lm_eval_samples_json(tmp_path, capsys):
     main(["ruler", "test", "--out", str(out), "--tasks"])
     assert json.loads(out.read_text()) == split_samples("ruler", "test")
     assert capsys.readouterr().out.strip() == ",".join(split_samples("ruler", "test"))
+    main(["table3", "dev", "--out", str(out), "--first", "3"])
+    assert json.loads(out.read_text())["cb"] == [0, 2, 4]  # the first three even documents
+    with pytest.raises(SystemExit):
+        main(["table3", "dev", "--out", str(out), "--first", "0"])

@@ -87,8 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("split", choices=SPLITS)
     p.add_argument("--out", required=True, help="where to write the lm_eval --samples JSON")
     p.add_argument("--tasks", action="store_true", help="also print the comma-separated task list for --tasks")
+    p.add_argument("--first", type=int, help="only the first FIRST documents of each task (a cheaper subset)")
     args = p.parse_args(argv)
-    samples = split_samples(args.suite, args.split)
+    if args.first is not None and args.first < 1:
+        p.error(f"--first must be >= 1, got {args.first}")
+    samples = {task: docs[: args.first] for task, docs in split_samples(args.suite, args.split).items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(samples) + "\n")
     if args.tasks:
