@@ -29,6 +29,7 @@
 # sentence (attention:64:63:15:s at the same odd layers: the span stays inside each sentence; run as the then
 # `sentence` preset), line (attention:64:63:15:l: inside each line; run as the then `line` preset), line95
 # (attention:64:95:15:l, a span of 95 before: the `line` preset, the default scorer since 2026-12-06 evening),
+# line95_k85 and line95_k95 (line95 at keep ratios 0.85 and 0.95: retention against 1/τ, results/default),
 # line16 (line95 with a line of fewer than 16 tokens, a title or a `Passage 1:`, joined to the line below it),
 # late_spread (spread at the 8 odd layers from 7, keep 0.835), long (a pruner trained on long inputs, directory
 # $LONG_PRUNER, default $RUNS_TRAIN/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only
@@ -92,6 +93,8 @@ declare -A ARGS=(
   [sentence]="pruner=attention:64:63:15:s,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [line]="pruner=attention:64:63:15:l,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [line95]="pruner=attention:64:95:15:l,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
+  [line95_k85]="pruner=attention:64:95:15:l,layers=3:5:7:9:11:13:15:17:19:21,keep_ratio=0.85,min_prompt_tokens=0"
+  [line95_k95]="pruner=attention:64:95:15:l,layers=3:5:7:9:11:13:15:17:19:21,keep_ratio=0.95,min_prompt_tokens=0"
   [line16]="pruner=attention:64:95:15:l16,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [spread_union_odd]="pruner=attention:64:63:15+attention,layers=3:5:7:9:11:13:15:17:19:21,min_prompt_tokens=0"
   [late_spread]="pruner=attention:64:63:15,layers=7:9:11:13:15:17:19:21,keep_ratio=0.835,min_prompt_tokens=0"
