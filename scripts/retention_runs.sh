@@ -106,7 +106,7 @@ declare -A ARGS=(
   [long_fit_rms]="pruner=$RUNS_TRAIN/train_long_fit_rms/pruner,min_prompt_tokens=0"
   [long_fit_query]="pruner=$RUNS_TRAIN/train_long_fit_query/pruner,min_prompt_tokens=0"
   [ctx_fit]="pruner=$RUNS_TRAIN/train_ctx_fit/pruner,min_prompt_tokens=0"
-  [mix_feat]="pruner=$RUNS_TRAIN/train_mix_feat/pruner,min_prompt_tokens=0"
+  [mix_feat]="pruner=results/training/mix_feat_pruner,min_prompt_tokens=0"  # the committed copy of runs/train_mix_feat/pruner
   [mix_mlp]="pruner=$RUNS_TRAIN/train_mix_mlp/pruner,min_prompt_tokens=0"
   [norm]="pruner=norm,min_prompt_tokens=0"
   [snapkv]="prune=false,press=snapkv,press_ratio=0.35"
