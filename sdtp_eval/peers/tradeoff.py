@@ -187,13 +187,13 @@ def plot(report: dict, path: Path) -> None:
         ]
     else:
         panels = [("compression", "1/τ (prompt tokens / mean tokens a layer processes)", "accuracy against pruning")]
-    groups = list(dict.fromkeys(r["method"].split("/")[0] for r in report["rows"]))
+    groups: dict[str, list[dict]] = {}  # SCORER -> its rows, in report order
+    for r in report["rows"]:
+        groups.setdefault(r["method"].split("/")[0], []).append(r)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 4.2), squeeze=False)
     for ax, (key, xlabel, title) in zip(axes[0], panels):
-        for g, group in enumerate(groups):  # one colour per method (per scorer, over its schedules) in every panel
-            rows = sorted(
-                (r for r in report["rows"] if r["method"].split("/")[0] == group and key in r), key=lambda r: r[key]
-            )
+        for g, members in enumerate(groups.values()):  # one colour per method (per scorer, over its schedules)
+            rows = sorted((r for r in members if key in r), key=lambda r: r[key])
             if len(rows) > 1:
                 ax.plot([r[key] for r in rows], [r["diff"] for r in rows], color=f"C{g % 10}", linewidth=1, alpha=0.7)
             for r in rows:
