@@ -52,10 +52,13 @@ class Preset(NamedTuple):
 #: ``spread``: the attention scorer spread over 63 slots before and 15 after, at the paper's layers each one
 #: earlier (docs/history.md, "Spreading the score forward");
 #: ``line``: spread over 95 slots before and 15 after without crossing a newline, at the same layers
-#: (results/retention/README.md; docs/history.md, "Within lines").
+#: (results/retention/README.md; docs/history.md, "Within lines");
+#: ``line16``: ``line`` with a line of fewer than 16 tokens (a title, a ``Passage 1:``) joined to the line below it,
+#: the default (results/default/README.md; docs/history.md, "Lines with their headers").
 PRESETS = {
     "spread": Preset("attention:64:63:15", earlier_layers),
     "line": Preset("attention:64:95:15:l", earlier_layers),
+    "line16": Preset("attention:64:95:15:l16", earlier_layers),
 }
 #: the spec suffix of a scorer whose span stays inside a unit -> the characters that end the unit:
 #: ``:s`` sentences, ``:l`` lines; ``:lN`` (``:sN``): a line (sentence) of fewer than ``N`` tokens joins the next
@@ -229,7 +232,7 @@ def training_free(spec: str, config: PrunerConfig, tokenizer=None, vocab_size: i
     among ``B`` slots before and ``A`` after); either of the last two ending in ``:s`` (``:l``) keeps the span
     inside each sentence (line), ``:sN`` (``:lN``) the same with a sentence (line) of fewer than ``N`` tokens
     joined to the next (``tokenizer`` required, ``vocab_size`` the model's); or a name in :data:`PRESETS`
-    (``spread``, ``line``)."""
+    (``spread``, ``line``, ``line16``)."""
     if spec in PRESETS:
         spec = PRESETS[spec].spec
     kind, _, arg = spec.partition(":")

@@ -283,12 +283,12 @@ def test_prune_false_builds_no_engine_and_templated_longbench_prompts_are_refuse
     assert dense._prepare_context(templated, "copa", 100) == templated  # other tasks: untouched
 
 
-def test_default_scorer_is_line_random_is_loud_and_shipped_needs_a_matching_model(tiny_hf_dir, caplog):
+def test_default_scorer_is_line16_random_is_loud_and_shipped_needs_a_matching_model(tiny_hf_dir, caplog):
     from sdtp_core.loading import load_pruner
     from sdtp_eval.model import SDTPLM
 
     lm = SDTPLM(pretrained=str(tiny_hf_dir), layers="1:3", dtype="float32")
-    assert lm.pruner_spec == "line" and "UNTRAINED" not in caplog.text
+    assert lm.pruner_spec == "line16" and "UNTRAINED" not in caplog.text
     lm = SDTPLM(pretrained=str(tiny_hf_dir), pruner="random", layers="1:3", dtype="float32")
     assert lm.pruner_spec == "random" and "UNTRAINED (random) scorers" in caplog.text
     with pytest.raises(ValueError, match="no shipped pruner fits"):

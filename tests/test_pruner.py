@@ -521,7 +521,7 @@ def test_unit_of_parses_the_unit_and_its_fewest_tokens():
     from sdtp_core.scorers import Unit, needs_tokenizer, unit_of
 
     assert unit_of("attention:64:95:15:l") == Unit("\n", 0)
-    assert unit_of("attention:64:95:15:l16") == Unit("\n", 16)
+    assert unit_of("attention:64:95:15:l16") == Unit("\n", 16) == unit_of("line16")
     assert unit_of("attention:64:31:s4") == Unit(".!?\n", 4)
     assert unit_of("line") == Unit("\n", 0)
     for spec in ("attention:64:95:15", "attention:64:95:15:x16", "attention:64:95:15:l1x", "norm", "attention:l"):
@@ -622,7 +622,8 @@ def test_the_default_line_reads_line_ends_from_the_tokenizer(tiny_hf_dir):
     assert ends.shape == (151936,) and not ends[len(tokenizer) :].any()
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir)
     line = load_pruner(None, model, layers=[1, 3])  # the tokenizer saved beside the weights
-    assert line.source == "line" and (line.window, line.before, line.after) == (64, 95, 15)
+    assert line.source == "line16" and (line.window, line.before, line.after) == (64, 95, 15)
+    assert line.min_unit_tokens == 16  # the default joins a line of fewer than 16 tokens to the next
     assert [tokenizer.decode([i]) for i in ids if line.sentence_ends[i]] == [".\n"]
     deeper = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "num_hidden_layers": 16})).eval()
     assert load_pruner(None, deeper, tokenizer=tokenizer).config.layers == earlier_layers(16)
