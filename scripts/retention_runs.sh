@@ -30,7 +30,8 @@
 # `sentence` preset), line (attention:64:63:15:l: inside each line; run as the then `line` preset), line95
 # (attention:64:95:15:l, a span of 95 before: the `line` preset, the default scorer since 2026-12-06 evening),
 # line95_k85 and line95_k95 (line95 at keep ratios 0.85 and 0.95: retention against 1/τ, results/default),
-# line16 (line95 with a line of fewer than 16 tokens, a title or a `Passage 1:`, joined to the line below it),
+# line16 (line95 with a line of fewer than 16 tokens, a title or a `Passage 1:`, joined to the line below it: the
+# default scorer since 2026-12-07 night, chosen on dev, results/default),
 # late_spread (spread at the 8 odd layers from 7, keep 0.835), long (a pruner trained on long inputs, directory
 # $LONG_PRUNER, default $RUNS_TRAIN/train_long/pruner: scripts/paper_tables.sh ablations), long_norank and long_lm_only
 # (its Tables 4/5 ablations), long_rms (Stage 2 on its saliency
