@@ -606,7 +606,8 @@ def test_the_engine_gives_a_scorer_within_sentences_each_slots_sentence_at_every
 
 
 def test_the_default_line_reads_line_ends_from_the_tokenizer(tiny_hf_dir):
-    """The default, ``line`` = ``attention:64:95:15:l`` at the spread's layers: only a newline ends its unit;
+    """The default, ``line16`` = ``attention:64:95:15:l16`` at the spread's layers: only a newline ends its unit (a
+    line of fewer than 16 tokens joins the next);
     ``:s`` also ends one at ``.``, ``!``, ``?``. Ends come from the model's tokenizer (passed, or the one saved
     beside the weights); without either, a clear error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
